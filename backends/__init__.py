@@ -1,0 +1,88 @@
+"""Backend registry: name -> module path, imported on demand (never at ``import backends``).
+
+Finding out whether a backend is installed uses ``importlib.util.find_spec`` and package metadata only, so listing
+backends never imports a heavy framework.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    module: str  # imported inside the backend's own subprocess only
+    requires: tuple[str, ...]  # importable top-level modules it needs
+    extra: str | None  # pip install ".[extra]"
+    description: str
+    env: dict[str, str] = field(default_factory=dict)  # set in the backend's subprocess before anything is imported
+    distributions: tuple[str, ...] = ()  # package names whose version is shown (first one installed wins)
+
+
+REGISTRY: dict[str, BackendInfo] = {
+    b.name: b
+    for b in (
+        BackendInfo("numpy", "backends.numpy_scratch", ("numpy",), None,
+                    "hand-written forward/backward in NumPy (the float64 oracle)", distributions=("numpy",)),
+        BackendInfo("tf1", "backends.tf1_graph", ("tensorflow",), "tf",
+                    "TF1 graph mode: tf.compat.v1 Session, placeholders, tf.compat.v1.train optimizers",
+                    distributions=("tensorflow-cpu", "tensorflow")),
+        BackendInfo("tf2", "backends.tf2_tape", ("tensorflow",), "tf",
+                    "TF2 eager GradientTape, step under tf.function", distributions=("tensorflow-cpu", "tensorflow")),
+        BackendInfo("keras", "backends.keras_api", ("keras", "tensorflow"), "tf",
+                    "Keras 3 high level (train_on_batch / fit) on its TensorFlow backend",
+                    env={"KERAS_BACKEND": "tensorflow"}, distributions=("keras",)),
+        BackendInfo("keras-jax", "backends.keras_api", ("keras", "jax"), "all",
+                    "the same Keras code with KERAS_BACKEND=jax", env={"KERAS_BACKEND": "jax"},
+                    distributions=("keras",)),
+        BackendInfo("keras-torch", "backends.keras_api", ("keras", "torch"), "all",
+                    "the same Keras code with KERAS_BACKEND=torch", env={"KERAS_BACKEND": "torch"},
+                    distributions=("keras",)),
+        BackendInfo("torch", "backends.torch_eager", ("torch",), "torch", "PyTorch nn.Module, eager",
+                    distributions=("torch",)),
+        BackendInfo("jax", "backends.jax_jit", ("jax",), "jax", "pure JAX functions, train step under jax.jit",
+                    distributions=("jax",)),
+        BackendInfo("cupy", "backends.numpy_scratch", ("cupy",), None,
+                    "the hand-written NumPy backend run on the GPU through CuPy",
+                    env={"DLCOMPARE_ARRAY_MODULE": "cupy"},
+                    distributions=("cupy", "cupy-cuda12x", "cupy-cuda13x", "cupy-cuda11x")),
+    )
+}
+
+
+def get_info(name: str) -> BackendInfo:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; valid backends: {', '.join(REGISTRY)}") from None
+
+
+def missing_requirements(name: str) -> list[str]:
+    """The required modules of backend ``name`` that cannot be found (without importing anything)."""
+    return [m for m in get_info(name).requires if importlib.util.find_spec(m) is None]
+
+
+def install_hint(name: str) -> str:
+    info = get_info(name)
+    if info.extra:
+        return f"pip install '.[{info.extra}]'"
+    return f"pip install {' '.join(info.requires)}"
+
+
+def version(name: str) -> str | None:
+    """Installed version of the backend's main package, from metadata (no import)."""
+    for dist in get_info(name).distributions:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def load(name: str):
+    """Import and return the backend module (call inside the backend's own subprocess)."""
+    return importlib.import_module(get_info(name).module)

@@ -1,0 +1,110 @@
+"""The contract every backend module fulfils, stated once.
+
+A backend is one module (``backends/<name>.py``) that imports its framework only inside itself and exports:
+
+* ``CAPABILITIES``: a :class:`Capabilities` (dtypes, devices, modes it can run; notes for the report);
+* ``def probe() -> str``: import the framework and return its version string (raises ``ImportError`` if missing);
+* ``def devices() -> list[str]``: the devices this process can use, a subset of ``("cpu", "cuda")``;
+* ``class Model``: implements :class:`Model` below.
+
+Data crosses the edge as NumPy arrays in the canonical layout (dense ``(in, out)``, conv HWIO, inputs NHWC, flatten in
+(h, w, c) order); a backend converts on the way in and back out, and says where in its module docstring.
+
+Modes: ``"aligned"`` (default) reproduces the spec exactly, with the framework's own ops where a built-in cannot be
+configured to match; ``"native"`` uses the framework's untouched defaults (Adam epsilon and its convention, loss
+clipping), so that the harness can show how far those defaults move the numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from models.spec import DTYPES, ModelSpec
+
+MODES = ("aligned", "native")
+DEVICES = ("cpu", "cuda")
+
+
+class Unsupported(Exception):
+    """Raised by a backend for a configuration it cannot run; the harness turns it into a ``skipped:`` row."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    dtypes: tuple[str, ...] = DTYPES
+    devices: tuple[str, ...] = ("cpu",)
+    modes: tuple[str, ...] = MODES
+    notes: tuple[str, ...] = ()
+
+
+@dataclass
+class BuildOptions:
+    dtype: str = "float64"  # "float32" | "float64": parameters, activations and optimizer state
+    device: str = "cpu"  # "cpu" | "cuda"
+    mode: str = "aligned"  # "aligned" | "native"
+    threads: int | None = None  # intra-op threads; None leaves the framework's default
+    fast: bool = False  # the backend's fast mode (jit_compile, CUDA graphs, scan) where it has one
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Model(Protocol):
+    """One network built from a spec and canonical initial weights, on one device, in one dtype."""
+
+    info: dict[str, Any]  # facts for the report: how the optimizer/loss were implemented, tracing, float caveats
+
+    def __init__(self, spec: ModelSpec, weights: list[np.ndarray], options: BuildOptions) -> None: ...
+
+    def train_step(self, x: np.ndarray, y: np.ndarray) -> float:
+        """One optimizer update on the batch; returns the loss at the weights *before* the update."""
+        ...
+
+    def train_steps(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        """``len(xs)`` updates on stacked batches ``xs[k]``; returns the per-step losses (a fused path may override)."""
+        ...
+
+    def gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[float, list[np.ndarray]]:
+        """Loss and the gradient of every parameter at the current weights (canonical layout); no update."""
+        ...
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Network output with the spec's prediction function (identity, sigmoid or softmax) applied."""
+        ...
+
+    def get_weights(self) -> list[np.ndarray]:
+        """Current parameters in canonical layout and order (``spec.param_names()``)."""
+        ...
+
+    def sync(self) -> None:
+        """Block until all queued device work is done (called before any clock is read)."""
+        ...
+
+
+class ModelBase:
+    """Shared plumbing: argument checks and the default ``train_steps`` loop."""
+
+    capabilities = Capabilities()
+
+    def __init__(self, spec: ModelSpec, weights: list[np.ndarray], options: BuildOptions) -> None:
+        shapes = spec.param_shapes()
+        if len(weights) != len(shapes):
+            raise ValueError(f"{spec.name}: expected {len(shapes)} weight arrays, got {len(weights)}")
+        for name, w, s in zip(spec.param_names(), weights, shapes):
+            if tuple(np.shape(w)) != tuple(s):
+                raise ValueError(f"{spec.name}: weight {name} has shape {np.shape(w)}, expected {s}")
+        if options.dtype not in self.capabilities.dtypes:
+            raise Unsupported(f"dtype {options.dtype} not supported by this backend")
+        if options.mode not in self.capabilities.modes:
+            raise Unsupported(f"mode {options.mode} not supported by this backend")
+        self.spec = spec
+        self.options = options
+        self.info: dict[str, Any] = {}
+
+    def train_steps(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        return np.array([self.train_step(x, y) for x, y in zip(xs, ys)], dtype=np.float64)
+
+    def sync(self) -> None:
+        pass

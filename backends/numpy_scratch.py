@@ -1,0 +1,292 @@
+"""NumPy from scratch: hand-written forward and backward for every layer, activation and loss; the float64 oracle.
+
+Layouts are the canonical ones (dense ``(in, out)``, conv HWIO, NHWC, flatten in (h, w, c) order): no conversion.
+Convolution is im2col (one gather per kernel tap, then one matmul); max-pooling reshapes into windows and routes the
+gradient to the first maximum of each window.  No Python loop runs over samples or pixels.
+
+Adam follows the spec's epsilon convention literally, with the update written in the order Keras 3 writes it
+(``m += (g - m) * (1 - b1)``), so that aligned float32 runs round like Keras.
+
+With ``DLCOMPARE_ARRAY_MODULE=cupy`` (the ``cupy`` backend) the same code runs on the GPU through CuPy.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from models.spec import SGD, Adam, Conv2D, Dense, Flatten, MaxPool2D, ModelSpec
+
+from .base import BuildOptions, Capabilities, ModelBase, Unsupported
+
+_USE_CUPY = os.environ.get("DLCOMPARE_ARRAY_MODULE") == "cupy"
+
+CAPABILITIES = Capabilities(
+    devices=("cuda",) if _USE_CUPY else ("cpu",),
+    # the scratch backend *is* the spec: it has no framework defaults, so native mode runs the same code
+    notes=("hand-written backward pass; the reference every other backend is compared with",),
+)
+
+
+def _xp():
+    if _USE_CUPY:
+        import cupy
+
+        return cupy
+    return np
+
+
+def probe() -> str:
+    xp = _xp()
+    if _USE_CUPY:
+        xp.cuda.runtime.getDeviceCount()  # raises if no GPU/driver
+    return xp.__version__
+
+
+def devices() -> list[str]:
+    if not _USE_CUPY:
+        return ["cpu"]
+    try:
+        return ["cuda"] if _xp().cuda.runtime.getDeviceCount() > 0 else []
+    except Exception:
+        return []
+
+
+# ------------------------------------------------------------------------------------------------- the layer maths
+def _act(xp, z, kind):
+    if kind == "relu":
+        return xp.maximum(z, 0)
+    if kind == "sigmoid":
+        return _sigmoid(xp, z)
+    return z
+
+
+def _act_grad(xp, z, a, kind, da):
+    if kind == "relu":
+        return da * (z > 0)
+    if kind == "sigmoid":
+        return da * a * (1 - a)
+    return da
+
+
+def _sigmoid(xp, z):
+    # stable for both signs: exp of a non-positive number only
+    e = xp.exp(-xp.abs(z))
+    return xp.where(z >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def _log_softmax(xp, z):
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - xp.log(xp.exp(z).sum(axis=-1, keepdims=True))
+
+
+def loss_and_grad(xp, spec: ModelSpec, out, y):
+    """Loss (reduced per spec) and d loss / d out, where ``out`` is the last layer's output (logits for the CEs)."""
+    n = out.shape[0]
+    kind = spec.loss.kind
+    if kind == "sse":
+        diff = out - y
+        per_sample = (diff * diff).sum(axis=-1)
+        grad = 2 * diff
+    elif kind == "binary_crossentropy":
+        # mean over the output units, like Keras; stable: max(z,0) - z*y + log(1 + exp(-|z|))
+        per_elem = xp.maximum(out, 0) - out * y + xp.log1p(xp.exp(-xp.abs(out)))
+        k = out.shape[-1]
+        per_sample = per_elem.mean(axis=-1)
+        grad = (_sigmoid(xp, out) - y) / k
+    else:  # softmax_crossentropy with integer labels
+        logp = _log_softmax(xp, out)
+        rows = xp.arange(n)
+        per_sample = -logp[rows, y]
+        grad = xp.exp(logp)
+        grad[rows, y] -= 1
+    if spec.loss.reduction == "mean":
+        return per_sample.mean(), grad / n
+    return per_sample.sum(), grad
+
+
+def _conv_forward(xp, x, w):
+    """x (N,H,W,C), w (kh,kw,C,F) -> (N,Ho,Wo,F) and the im2col patches (N*Ho*Wo, kh*kw*C)."""
+    n, h, wd, c = x.shape
+    kh, kw, _, f = w.shape
+    ho, wo = h - kh + 1, wd - kw + 1
+    patches = xp.stack([x[:, i : i + ho, j : j + wo, :] for i in range(kh) for j in range(kw)], axis=3)
+    patches = patches.reshape(n * ho * wo, kh * kw * c)  # tap order (i, j) then channel = HWIO's order
+    return (patches @ w.reshape(kh * kw * c, f)).reshape(n, ho, wo, f), patches
+
+
+def _conv_backward(xp, x_shape, w, patches, dout):
+    n, h, wd, c = x_shape
+    kh, kw, _, f = w.shape
+    ho, wo = h - kh + 1, wd - kw + 1
+    d2 = dout.reshape(n * ho * wo, f)
+    dw = (patches.T @ d2).reshape(w.shape)
+    dpatches = (d2 @ w.reshape(kh * kw * c, f).T).reshape(n, ho, wo, kh * kw, c)
+    dx = xp.zeros(x_shape, dtype=dout.dtype)
+    for t in range(kh * kw):  # one scatter-add per kernel tap
+        i, j = divmod(t, kw)
+        dx[:, i : i + ho, j : j + wo, :] += dpatches[:, :, :, t, :]
+    return dx, dw, d2.sum(axis=0)
+
+
+def _pool_forward(xp, x, p):
+    n, h, w, c = x.shape
+    ho, wo = h // p, w // p
+    win = x[:, : ho * p, : wo * p, :].reshape(n, ho, p, wo, p, c).transpose(0, 1, 3, 5, 2, 4).reshape(n, ho, wo, c, p * p)
+    idx = win.argmax(axis=-1)  # first maximum wins ties
+    return xp.take_along_axis(win, idx[..., None], axis=-1)[..., 0], idx
+
+
+def _pool_backward(xp, x_shape, p, idx, dout):
+    n, h, w, c = x_shape
+    ho, wo = h // p, w // p
+    dwin = xp.zeros((n, ho, wo, c, p * p), dtype=dout.dtype)
+    xp.put_along_axis(dwin, idx[..., None], dout[..., None], axis=-1)
+    dx = xp.zeros(x_shape, dtype=dout.dtype)
+    dx[:, : ho * p, : wo * p, :] = dwin.reshape(n, ho, wo, c, p, p).transpose(0, 1, 4, 2, 5, 3).reshape(n, ho * p, wo * p, c)
+    return dx
+
+
+def forward(xp, spec: ModelSpec, params, x, keep=False):
+    """Network output (before the loss's sigmoid/softmax).  With ``keep`` also the per-layer caches for backward."""
+    caches = []
+    k = 0
+    for layer in spec.layers:
+        if isinstance(layer, Dense):
+            w, b = params[k], params[k + 1]
+            k += 2
+            z = x @ w + b
+            a = _act(xp, z, layer.activation)
+            cache = (x, z, a)
+        elif isinstance(layer, Conv2D):
+            w, b = params[k], params[k + 1]
+            k += 2
+            z, patches = _conv_forward(xp, x, w)
+            z = z + b
+            a = _act(xp, z, layer.activation)
+            cache = (x.shape, patches, z, a)
+        elif isinstance(layer, MaxPool2D):
+            a, idx = _pool_forward(xp, x, layer.pool_size)
+            cache = (x.shape, idx)
+        elif isinstance(layer, Flatten):
+            a = x.reshape(x.shape[0], -1)
+            cache = (x.shape,)
+        else:  # pragma: no cover - spec validation rejects unknown layers
+            raise TypeError(type(layer).__name__)
+        if keep:
+            caches.append(cache)
+        x = a
+    return x, caches
+
+
+def backward(xp, spec: ModelSpec, params, caches, dout):
+    """Gradients of every parameter, in ``spec.param_names()`` order, given d loss / d output."""
+    grads = [None] * len(params)
+    k = len(params)
+    for layer, cache in zip(reversed(spec.layers), reversed(caches)):
+        if isinstance(layer, Dense):
+            k -= 2
+            x, z, a = cache
+            dz = _act_grad(xp, z, a, layer.activation, dout)
+            grads[k], grads[k + 1] = x.T @ dz, dz.sum(axis=0)
+            dout = dz @ params[k].T
+        elif isinstance(layer, Conv2D):
+            k -= 2
+            x_shape, patches, z, a = cache
+            dz = _act_grad(xp, z, a, layer.activation, dout)
+            dout, grads[k], grads[k + 1] = _conv_backward(xp, x_shape, params[k], patches, dz)
+        elif isinstance(layer, MaxPool2D):
+            x_shape, idx = cache
+            dout = _pool_backward(xp, x_shape, layer.pool_size, idx, dout)
+        else:  # Flatten
+            dout = dout.reshape(cache[0])
+    return grads
+
+
+def predict_from_output(xp, spec: ModelSpec, out):
+    pred = spec.loss.prediction
+    if pred == "sigmoid":
+        return _sigmoid(xp, out)
+    if pred == "softmax":
+        return xp.exp(_log_softmax(xp, out))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- the model
+class Model(ModelBase):
+    capabilities = CAPABILITIES
+
+    def __init__(self, spec: ModelSpec, weights: list[np.ndarray], options: BuildOptions) -> None:
+        super().__init__(spec, weights, options)
+        if options.device not in CAPABILITIES.devices:
+            raise Unsupported(f"device {options.device} not available to this backend (has {CAPABILITIES.devices})")
+        self.xp = _xp()
+        self.dtype = np.dtype(options.dtype)
+        self.params = [self.xp.array(np.asarray(w, dtype=self.dtype), copy=True) for w in weights]  # never alias
+        opt = spec.optimizer
+        self.t = 0
+        if isinstance(opt, Adam):
+            self.m = [self.xp.zeros_like(p) for p in self.params]
+            self.v = [self.xp.zeros_like(p) for p in self.params]
+        self.info = {"optimizer": f"hand-written {type(opt).__name__}"
+                     + (f" ({opt.convention} convention)" if isinstance(opt, Adam) else ""),
+                     "array_module": self.xp.__name__}
+
+    def _in(self, x, y):
+        xp = self.xp
+        x = xp.asarray(np.asarray(x, dtype=self.dtype))
+        y = xp.asarray(np.asarray(y, dtype=np.int64 if self.spec.loss.integer_labels else self.dtype))
+        return x, y
+
+    def _loss_grads(self, x, y):
+        out, caches = forward(self.xp, self.spec, self.params, x, keep=True)
+        loss, dout = loss_and_grad(self.xp, self.spec, out, y)
+        return loss, backward(self.xp, self.spec, self.params, caches, dout)
+
+    def gradients(self, x, y):
+        loss, grads = self._loss_grads(*self._in(x, y))
+        return float(loss), [self._out(g) for g in grads]
+
+    def train_step(self, x, y):
+        loss, grads = self._loss_grads(*self._in(x, y))
+        self._apply(grads)
+        return float(loss)
+
+    def _apply(self, grads):
+        xp = self.xp
+        opt = self.spec.optimizer
+        dt = self.dtype.type
+        self.t += 1
+        if isinstance(opt, SGD):
+            lr = dt(opt.lr)
+            for p, g in zip(self.params, grads):
+                p -= lr * g
+            return
+        b1, b2, eps, lr = dt(opt.beta1), dt(opt.beta2), dt(opt.epsilon), dt(opt.lr)
+        t = dt(self.t)
+        b1t, b2t = b1**t, b2**t
+        if opt.convention == "eps_hat":
+            alpha = lr * xp.sqrt(1 - b2t) / (1 - b1t)
+        for p, m, v, g in zip(self.params, self.m, self.v, grads):
+            m += (g - m) * (1 - b1)
+            v += (g * g - v) * (1 - b2)
+            if opt.convention == "eps_hat":
+                p -= (m * alpha) / (xp.sqrt(v) + eps)
+            else:  # eps_v_hat: torch / optax
+                p -= lr * (m / (1 - b1t)) / (xp.sqrt(v / (1 - b2t)) + eps)
+
+    def predict(self, x):
+        x = self.xp.asarray(np.asarray(x, dtype=self.dtype))
+        out, _ = forward(self.xp, self.spec, self.params, x)
+        return self._out(predict_from_output(self.xp, self.spec, out))
+
+    def get_weights(self):
+        return [self._out(p) for p in self.params]
+
+    def _out(self, a):
+        return a.get() if _USE_CUPY else np.array(a)
+
+    def sync(self):
+        if _USE_CUPY:
+            self.xp.cuda.Stream.null.synchronize()

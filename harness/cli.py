@@ -1,0 +1,246 @@
+"""``harness``: a thin command line over functions that the tests call too.
+
+Exit codes: 0 all rows pass or are skipped; 1 a row failed, diverged or disagrees; 2 bad input; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import backends
+from models import MODELS
+from models.data import DATASETS, DataError
+
+from . import runner
+from .runner import UserError
+
+
+def _err(msg: str) -> None:
+    print(f"harness: error: {msg}", file=sys.stderr)
+
+
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------------- list
+def cmd_list(args) -> int:
+    from tabulate import tabulate
+
+    print("Models")
+    print(tabulate([[m.name, f"{m.param_count():,}", m.dataset, "/".join(map(str, m.batch_sizes)), m.dtype,
+                     m.description] for m in MODELS.values()],
+                   headers=["model", "params", "dataset", "batch", "dtype", "description"]))
+    print("\nBackends")
+    rows = []
+    for name, info in backends.REGISTRY.items():
+        missing = backends.missing_requirements(name)
+        state = "installed" if not missing else f"missing {', '.join(missing)}: {backends.install_hint(name)}"
+        rows.append([name, backends.version(name) or "-", state, info.description])
+    print(tabulate(rows, headers=["backend", "version", "status", "what"]))
+    print("\nDevices")
+    print(f"cpu: {os.cpu_count()} cores; cuda: " + _cuda_summary())
+    return 0
+
+
+def _cuda_summary() -> str:
+    """Whether an NVIDIA GPU is visible, without importing any framework."""
+    if Path("/proc/driver/nvidia/gpus").exists():
+        gpus = list(Path("/proc/driver/nvidia/gpus").iterdir())
+        return f"{len(gpus)} NVIDIA GPU(s) visible (each backend checks for itself)"
+    return "none visible (rows for --device cuda will say 'skipped: no CUDA device')"
+
+
+# ---------------------------------------------------------------------------------------------------------- compare
+def _devices(text: str) -> list[str]:
+    if text == "all":
+        return ["cpu", "cuda"]
+    return [d.strip() for d in text.split(",") if d.strip()]
+
+
+def cmd_compare(args) -> int:
+    from .report import console_table
+    from .results import check_writable, to_record, write_run
+
+    results_dir = Path(args.results_dir)
+    backends_list = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else \
+        list(backends.REGISTRY)
+    cfg = runner.CompareConfig(
+        model=args.model, backends=backends_list,
+        batch_sizes=runner.parse_int_list(args.batch_sizes, "--batch-sizes") if args.batch_sizes else None,
+        steps=args.steps, dtype=args.dtype, devices=_devices(args.device), mode=args.mode, seed=args.seed,
+        init=args.init, dataset=args.dataset, data_dir=args.data_dir, check_every=args.check_every,
+        timing=not args.no_timing, timeout=args.timeout, threads=args.threads, fast=args.fast)
+    runner.validate(cfg)
+    check_writable(results_dir)  # before any work starts
+    result = runner.compare(cfg, progress=_progress)
+    json_path, _ = write_run(result, results_dir)
+    record = to_record(result, json_path.stem)
+    print(console_table(record))
+    print(f"\ndata: {record['data_source']}\nraw results: {json_path} (+ .npz)")
+    if result["interrupted"]:
+        print("interrupted: finished rows were saved; the partial one is marked 'interrupted'", file=sys.stderr)
+        return 130
+    bad = [r for r in record["rows"] if r["status"] not in ("pass", "skipped")]
+    return 1 if bad else 0
+
+
+# ------------------------------------------------------------------------------------------------------------ train
+def cmd_train(args) -> int:
+    cfg = runner.TrainConfig(model=args.model, backend=args.backend, epochs=args.epochs, batch_size=args.batch_size,
+                             dtype=args.dtype, mode=args.mode, seed=args.seed, init=args.init, dataset=args.dataset,
+                             data_dir=args.data_dir, device=args.device, threads=args.threads, fast=args.fast)
+    bar = _ProgressBar()
+
+    def on_event(e):
+        if e["event"] == "progress":
+            bar.update(e["epoch"], e["step"], e["of"])
+        elif e["event"] == "epoch":
+            bar.clear()
+            acc = f"  train acc {e['train_acc']:.4f}" + (f"  test acc {e['test_acc']:.4f}" if "test_acc" in e else "")
+            print(f"epoch {e['epoch'] + 1:4d}  loss {e['loss']:.6f}{acc}  ({e['time_s']:.2f} s)", flush=True)
+
+    result = runner.train(cfg, on_event)
+    bar.clear()
+    if result["status"] != "ok":
+        print(f"{args.backend}: {result['status']}: {result.get('reason')}", file=sys.stderr)
+        return 130 if result["status"] == "interrupted" else (0 if result["status"] == "skipped" else 1)
+    last = result["epochs"][-1] if result["epochs"] else {}
+    print(f"data: {result['data_source']}; batch size {result['batch_size']}; "
+          f"final train accuracy {last.get('train_acc', float('nan')):.4f}"
+          + (f", test accuracy {last['test_acc']:.4f}" if "test_acc" in last else ""))
+    return 0
+
+
+class _ProgressBar:
+    """A one-line progress bar on stderr (only when stderr is a terminal)."""
+
+    def __init__(self):
+        self.tty = sys.stderr.isatty()
+        self.shown = False
+
+    def update(self, epoch, step, of):
+        if not self.tty:
+            return
+        width = 30
+        done = int(width * step / max(of, 1))
+        sys.stderr.write(f"\repoch {epoch + 1} [{'#' * done}{'.' * (width - done)}] {step}/{of}")
+        sys.stderr.flush()
+        self.shown = True
+
+    def clear(self):
+        if self.shown:
+            sys.stderr.write("\r" + " " * 60 + "\r")
+            sys.stderr.flush()
+            self.shown = False
+
+
+# ----------------------------------------------------------------------------------------------------------- report
+def cmd_report(args) -> int:
+    from .report import build_reports
+
+    paths = build_reports(Path(args.results_dir), [args.model] if args.model else None)
+    if not paths:
+        print(f"no raw results under {Path(args.results_dir) / 'raw'}; run `harness compare` first")
+        return 1
+    for p in paths:
+        print(f"wrote {p}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------- data
+def cmd_data_fetch(args) -> int:
+    from models.data import fetch
+
+    dest = Path(args.dest).expanduser()
+    paths = fetch(args.name, dest, base_url=args.base_url, progress=_progress)
+    for p in paths:
+        print(p)
+    print(f"use it with --data-dir {dest} (or export DLCOMPARE_DATA_DIR={dest})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------ parser
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help=f"one of: {', '.join(MODELS)}")
+    p.add_argument("--dtype", help="float32 or float64 (default: the model's)")
+    p.add_argument("--mode", default="aligned", help="aligned (default: every backend forced to the spec) or native "
+                                                     "(each framework's own defaults)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the batch order")
+    p.add_argument("--init", help="override the initializer: glorot, normal or uniform")
+    p.add_argument("--dataset", help=f"override the data set: {', '.join(DATASETS)}")
+    p.add_argument("--data-dir", help="where to look for data first (else $DLCOMPARE_DATA_DIR, caches, bundled)")
+    p.add_argument("--threads", type=int, help="intra-op threads for every backend (default: the framework's)")
+    p.add_argument("--fast", action="store_true", help="use each backend's fast mode (jit_compile, CUDA graphs, scan)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="harness", description="Compare the same network across NumPy, TF1, TF2, "
+                                     "Keras, PyTorch and JAX: numbers and speed.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="models, backends (installed or not) and devices")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("compare", help="run backends side by side against the NumPy float64 oracle")
+    _common(p)
+    p.add_argument("--backends", help=f"comma-separated (default: all): {', '.join(backends.REGISTRY)}")
+    p.add_argument("--batch-sizes", help="comma-separated, e.g. 1,100 (default: the model's)")
+    p.add_argument("--steps", type=int, default=runner.DEFAULT_STEPS, help="training steps compared per batch size")
+    p.add_argument("--check-every", type=int, default=10, help="compare gradients every k-th step")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or all")
+    p.add_argument("--no-timing", action="store_true", help="agreement only, skip the timed rounds")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per backend subprocess (default 900)")
+    p.add_argument("--results-dir", default=str(_default_results()), help="where raw results and tables go")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("train", help="full training of one backend, with per-epoch loss and accuracy")
+    _common(p)
+    p.add_argument("--backend", default="numpy")
+    p.add_argument("--epochs", type=int, help="default: the model's")
+    p.add_argument("--batch-size", type=int, help="default: the model's N")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("report", help="regenerate results/<model>.md from the raw results")
+    p.add_argument("--model", help="only this model")
+    p.add_argument("--results-dir", default=str(_default_results()))
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("data", help="data sets")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    f = dsub.add_parser("fetch", help="download a data set with sha256 checks")
+    f.add_argument("name", help="mnist or fashion_mnist")
+    f.add_argument("--dest", default="~/.dlcompare/data", help="folder to download into")
+    f.add_argument("--base-url", help="a mirror serving the four standard files")
+    f.set_defaults(func=cmd_data_fetch)
+    return parser
+
+
+def _default_results() -> Path:
+    from .runner import PROJECT_ROOT
+
+    return Path(os.environ.get("DLCOMPARE_RESULTS_DIR", PROJECT_ROOT / "results"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (UserError, DataError) as e:
+        _err(str(e))
+        return 2
+    except PermissionError as e:
+        _err(str(e))
+        return 2
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Raw results: one JSON + one NPZ per run under ``results/raw/``, written atomically and never overwritten.
+
+The JSON holds everything but tensors (versions, device, flags, commit, seed, data source, timings, per-step losses,
+status and agreement per row); the NPZ holds the initial weights, the batch order, the per-step losses and the final
+weights of every row, so that anyone can replay the run with their own code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import secrets
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+import backends
+
+from .runner import PROJECT_ROOT
+
+DEFAULT_RESULTS_DIR = PROJECT_ROOT / "results"
+SCHEMA = 1
+
+
+def check_writable(results_dir: Path) -> Path:
+    """Fail before any work starts if results cannot be written there."""
+    raw = Path(results_dir) / "raw"
+    try:
+        raw.mkdir(parents=True, exist_ok=True)
+        probe = raw / f".write-test-{os.getpid()}-{secrets.token_hex(3)}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"cannot write results to {raw} ({e.strerror or e}); pass a writable --results-dir") from e
+    return raw
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                             text=True, timeout=5)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+
+
+def spec_to_dict(spec) -> dict:
+    d = dataclasses.asdict(spec)
+    d["layers"] = [{"type": type(layer).__name__, **dataclasses.asdict(layer)} for layer in spec.layers]
+    d["optimizer"] = {"type": type(spec.optimizer).__name__, **dataclasses.asdict(spec.optimizer)}
+    d["param_names"] = spec.param_names()
+    d["param_count"] = spec.param_count()
+    return d
+
+
+def row_key(row: dict) -> str:
+    return f"{row['backend']}|{row['dtype']}|{row['mode']}|{row['device']}|b{row['batch_size']}"
+
+
+def new_run_id(model: str) -> str:
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{model}-{secrets.token_hex(3)}"
+
+
+def _exclusive_replace(tmp: Path, final: Path) -> None:
+    """Move ``tmp`` to ``final`` atomically, refusing to overwrite an existing file."""
+    os.link(tmp, final)  # fails with FileExistsError instead of overwriting
+    tmp.unlink()
+
+
+def to_record(result: dict, run_id: str) -> dict:
+    cfg = result["config"]
+    spec = result["spec"]
+    rows = []
+    for row in result["rows"]:
+        r = {k: v for k, v in row.items() if k != "arrays"}
+        if "arrays" in row and "losses" in row["arrays"]:
+            r["losses"] = [float(v) for v in row["arrays"]["losses"]]
+        r["key"] = row_key(row)
+        rows.append(r)
+    oracle = {str(b): {"status": r["status"], "reason": r.get("reason"),
+                       "losses": [float(v) for v in r.get("arrays", {}).get("losses", [])]}
+              for b, r in result["oracle"].items()}
+    return {
+        "schema": SCHEMA,
+        "run_id": run_id,
+        "model": spec.name,
+        "kind": "compare",
+        "created_utc": _dt.datetime.fromtimestamp(result["started"], _dt.timezone.utc).isoformat(),
+        "duration_s": result["finished"] - result["started"],
+        "interrupted": result["interrupted"],
+        "commit": git_commit(),
+        "machine": machine(),
+        "env": os.environ.get("DLCOMPARE_ENV_NAME"),  # the tox env that produced this run, if any
+        "versions": {b: backends.version(b) for b in sorted({r["backend"] for r in result["rows"]} | {"numpy"})},
+        "flags": {k: os.environ.get(k) for k in ("TF_ENABLE_ONEDNN_OPTS", "TF_DETERMINISTIC_OPS", "OMP_NUM_THREADS")},
+        "config": cfg,
+        "seed": cfg["seed"],
+        "dtype": spec.dtype,
+        "data_source": result["job"].dataset_source,
+        "batch_sizes": result["job"].batch_sizes,
+        "spec": spec_to_dict(spec),
+        "oracle": oracle,
+        "rows": rows,
+    }
+
+
+def write_run(result: dict, results_dir: Path = DEFAULT_RESULTS_DIR) -> tuple[Path, Path]:
+    """Write ``<run_id>.json`` and ``<run_id>.npz`` under ``results_dir/raw``; returns their paths."""
+    raw = check_writable(results_dir)
+    spec = result["spec"]
+    job = result["job"]
+    arrays: dict[str, np.ndarray] = {}
+    for j, w in enumerate(job.weights):
+        arrays[f"init/{spec.param_names()[j]}"] = w
+    for b in job.batch_sizes:
+        arrays[f"batch_order/{b}"] = job.data[f"order_{b}"]
+    for b, r in result["oracle"].items():
+        _row_arrays(arrays, f"oracle|b{b}", r, spec)
+    for row in result["rows"]:
+        _row_arrays(arrays, row_key(row), row, spec)
+    while True:
+        run_id = new_run_id(spec.name)
+        json_path, npz_path = raw / f"{run_id}.json", raw / f"{run_id}.npz"
+        if not json_path.exists() and not npz_path.exists():
+            break
+    record = to_record(result, run_id)
+    tmp_npz = raw / f".{run_id}.npz.tmp"
+    with open(tmp_npz, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    _exclusive_replace(tmp_npz, npz_path)
+    tmp_json = raw / f".{run_id}.json.tmp"
+    tmp_json.write_text(json.dumps(record, indent=1, default=_json_default))
+    _exclusive_replace(tmp_json, json_path)
+    return json_path, npz_path
+
+
+def _row_arrays(arrays: dict, key: str, row: dict, spec) -> None:
+    a = row.get("arrays") or {}
+    if "losses" in a:
+        arrays[f"{key}/losses"] = a["losses"]
+    weights = [k for k in a if k.startswith("weights/")]
+    if weights:
+        last = max(int(k.split("/")[1]) for k in weights)
+        for j, name in enumerate(spec.param_names()):
+            if f"weights/{last}/{j}" in a:
+                arrays[f"{key}/final/{name}"] = a[f"weights/{last}/{j}"]
+    if "pred_final" in a:
+        arrays[f"{key}/pred_final"] = a["pred_final"]
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if dataclasses.is_dataclass(o):
+        return dataclasses.asdict(o)
+    return str(o)
+
+
+def load_records(results_dir: Path = DEFAULT_RESULTS_DIR) -> list[dict]:
+    """All readable raw JSON records, oldest first; unreadable files are reported, not fatal."""
+    raw = Path(results_dir) / "raw"
+    records = []
+    for p in sorted(raw.glob("*.json")):
+        try:
+            rec = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"warning: skipping unreadable result {p.name}: {e}")
+            continue
+        if rec.get("schema") == SCHEMA:
+            rec["_path"] = str(p)
+            records.append(rec)
+    records.sort(key=lambda r: r.get("created_utc", ""))
+    return records

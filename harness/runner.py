@@ -1,0 +1,409 @@
+"""The parent side: prepare one job (weights, data, batch order), run each backend in its own subprocess, collect rows.
+
+Data flows one way: spec + seed -> canonical float64 initial weights and a batch order -> one subprocess per backend
+(``harness.worker``) -> plain NumPy arrays -> compared with the NumPy float64 oracle -> raw JSON + NPZ.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+import backends
+from models import get_model, init_weights
+from models.data import DATASETS, load_dataset
+from models.spec import DTYPES, INIT_PRESETS, ModelSpec
+
+from . import agreement
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+ORACLE = "numpy"
+DEFAULT_STEPS = 20
+
+
+class UserError(ValueError):
+    """Bad input from the user: the CLI prints it and exits with code 2."""
+
+
+@dataclass
+class CompareConfig:
+    model: str
+    backends: list[str] = field(default_factory=lambda: list(backends.REGISTRY))
+    batch_sizes: list[int] | None = None  # default: the spec's (1, N)
+    steps: int = DEFAULT_STEPS
+    dtype: str | None = None  # default: the spec's
+    devices: list[str] = field(default_factory=lambda: ["cpu"])
+    mode: str = "aligned"
+    seed: int = 0
+    init: str | None = None  # glorot | normal | uniform; default: the spec's
+    dataset: str | None = None
+    data_dir: str | None = None
+    check_every: int = 10
+    timing: bool = True
+    timing_rounds: int = 5
+    timing_steps: int = 20
+    timeout: float = 900.0  # seconds per backend subprocess
+    threads: int | None = None
+    fast: bool = False
+
+
+def validate(cfg: CompareConfig) -> ModelSpec:
+    """Check every user-facing option before any work starts; returns the spec with overrides applied."""
+    try:
+        spec = get_model(cfg.model)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    for b in cfg.backends:
+        try:
+            backends.get_info(b)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    if cfg.dtype is not None and cfg.dtype not in DTYPES:
+        raise UserError(f"unknown dtype {cfg.dtype!r}; valid dtypes: {', '.join(DTYPES)}")
+    for d in cfg.devices:
+        if d not in ("cpu", "cuda"):
+            raise UserError(f"unknown device {d!r}; valid devices: cpu, cuda, all")
+    if cfg.mode not in ("aligned", "native"):
+        raise UserError(f"unknown mode {cfg.mode!r}; valid modes: aligned, native")
+    if cfg.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {cfg.steps}")
+    if cfg.check_every < 1:
+        raise UserError(f"--check-every must be at least 1, got {cfg.check_every}")
+    if cfg.init is not None:
+        if cfg.init not in INIT_PRESETS:
+            raise UserError(f"unknown init {cfg.init!r}; valid: {', '.join(INIT_PRESETS)}")
+        spec = spec.with_overrides(init=INIT_PRESETS[cfg.init])
+    if cfg.dataset is not None:
+        if cfg.dataset not in DATASETS:
+            raise UserError(f"unknown dataset {cfg.dataset!r}; valid datasets: {', '.join(DATASETS)}")
+        spec = spec.with_overrides(dataset=cfg.dataset)
+    if cfg.dtype is not None:
+        spec = spec.with_overrides(dtype=cfg.dtype)
+    for b in cfg.batch_sizes or ():
+        if b < 1:
+            raise UserError(f"batch sizes must be positive integers, got {b}")
+    return spec
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"{what} must be comma-separated positive integers like '1,100', got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise UserError(f"{what} must be comma-separated positive integers like '1,100', got {text!r}")
+    return values
+
+
+# --------------------------------------------------------------------------------------------------- job preparation
+def load_data(spec: ModelSpec, data_dir: str | None):
+    ds = load_dataset(spec.dataset, data_dir)
+    x = ds.x_train
+    n_in = math.prod(spec.input_shape)
+    if math.prod(x.shape[1:]) != n_in:
+        raise UserError(f"dataset {spec.dataset!r} has samples of shape {x.shape[1:]}, model {spec.name!r} expects "
+                        f"{spec.input_shape}; pick a dataset with {n_in} features per sample")
+    reshape = lambda a: None if a is None else a.reshape((len(a),) + tuple(spec.input_shape))
+    return ds, reshape(ds.x_train), ds.y_train, reshape(ds.x_test), ds.y_test
+
+
+def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """The sample order of one epoch; the same for every batch size, so batch 1 and batch N see the same sequence."""
+    if not shuffle:
+        return np.arange(n)
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_order(n: int, batch_size: int, steps: int, seed: int, shuffle: bool) -> np.ndarray:
+    """(steps, batch_size) sample indices: consecutive epochs, each cut into floor(n / batch_size) full batches (the
+    last partial batch of an epoch is dropped in every backend alike)."""
+    if batch_size > n:
+        raise UserError(f"batch size {batch_size} is larger than the data set ({n} samples); use at most {n}")
+    per_epoch = n // batch_size
+    epochs = math.ceil(steps / per_epoch)
+    rows = [epoch_permutation(n, seed, e, shuffle)[: per_epoch * batch_size].reshape(per_epoch, batch_size)
+            for e in range(epochs)]
+    return np.concatenate(rows)[:steps]
+
+
+@dataclass
+class Job:
+    spec: ModelSpec
+    dataset_source: str
+    weights: list[np.ndarray]
+    data: dict[str, np.ndarray]  # x, y, probe_x, order_<B>, w/<j>
+    batch_sizes: list[int]
+
+
+def prepare(cfg: CompareConfig, spec: ModelSpec) -> Job:
+    ds, x, y, x_test, _ = load_data(spec, cfg.data_dir)
+    batch_sizes = cfg.batch_sizes or list(spec.batch_sizes)
+    weights = init_weights(spec, cfg.seed)
+    probe_src = x_test if x_test is not None else x
+    data = {"x": x, "y": y, "probe_x": probe_src[: min(100, len(probe_src))]}
+    for b in batch_sizes:
+        data[f"order_{b}"] = batch_order(len(x), b, cfg.steps, cfg.seed, spec.shuffle)
+    for j, w in enumerate(weights):
+        data[f"w/{j}"] = w
+    return Job(spec, ds.source, weights, data, batch_sizes)
+
+
+# ------------------------------------------------------------------------------------------------------ subprocesses
+def subprocess_env(backend: str, dtype: str, threads: int | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(backends.get_info(backend).env)
+    env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if dtype == "float64":
+        env["JAX_ENABLE_X64"] = "1"  # must be set before jax (or keras on jax) is imported
+    if threads:
+        for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[k] = str(threads)
+    return env
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def run_backend(backend: str, job: Job, runs: list[dict], options: dict, timeout: float,
+                work_dir: Path) -> list[dict]:
+    """Run ``backend`` on ``runs`` in one subprocess; one row per run (status ok/skipped/failed/diverged/...)."""
+    base = {"backend": backend, "dtype": options["dtype"], "mode": options["mode"]}
+    missing = backends.missing_requirements(backend)
+    if missing:
+        reason = f"not installed ({', '.join(missing)}): {backends.install_hint(backend)}"
+        return [{**base, **r, "status": "skipped", "reason": reason} for r in runs]
+    job_dir = Path(tempfile.mkdtemp(prefix=f"{backend}-", dir=work_dir))
+    (job_dir / "job.pkl").write_bytes(pickle.dumps({"backend": backend, "spec": job.spec, "runs": runs,
+                                                    "options": options}))
+    np.savez(job_dir / "data.npz", **job.data)
+    cmd = [sys.executable, "-m", "harness.worker", str(job_dir)]
+    env = subprocess_env(backend, options["dtype"], options.get("threads"))
+    proc = subprocess.Popen(cmd, env=env, cwd=str(PROJECT_ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    crash = None
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        if proc.returncode != 0:
+            sig = -proc.returncode if proc.returncode < 0 else None
+            what = f"killed by signal {signal.Signals(sig).name}" if sig else f"exit code {proc.returncode}"
+            crash = f"subprocess {what}; stderr tail:\n{_tail(err)}"
+    except subprocess.TimeoutExpired:
+        _kill(proc)
+        crash = f"timeout: no result after {timeout:g} s (raise it with --timeout)"
+    except KeyboardInterrupt:
+        _kill(proc)
+        rows = _collect(job_dir, base, runs, None)
+        for r in rows:
+            if r["status"] == "missing":
+                r.update(status="interrupted", reason="interrupted by the user (Ctrl-C)")
+        raise Interrupted(rows) from None
+    return _collect(job_dir, base, runs, crash)
+
+
+class Interrupted(Exception):
+    def __init__(self, rows):
+        super().__init__("interrupted")
+        self.rows = rows
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
+    proc.wait()
+
+
+def _collect(job_dir: Path, base: dict, runs: list[dict], crash: str | None) -> list[dict]:
+    import json
+
+    head_path = job_dir / "worker.json"
+    head = json.loads(head_path.read_text()) if head_path.exists() else {}
+    rows = []
+    for i, run in enumerate(runs):
+        row = {**base, "batch_size": run["batch_size"], "device": run["device"], "version": head.get("version"),
+               "env": head.get("env")}
+        meta_path = job_dir / f"run-{i}.json"
+        if head.get("status") == "skipped":
+            row.update(status="skipped", reason=head["reason"])
+        elif meta_path.exists():
+            meta = json.loads(meta_path.read_text())
+            row.update(status=meta.pop("status"), reason=meta.pop("reason", None), meta=meta)
+            npz = job_dir / f"run-{i}.npz"
+            if npz.exists():
+                with np.load(npz) as f:
+                    row["arrays"] = {k: f[k] for k in f.files}
+        elif crash:
+            row.update(status="failed", reason=crash)
+        else:
+            row.update(status="missing", reason="the subprocess wrote no result for this run")
+        rows.append(row)
+    shutil.rmtree(job_dir, ignore_errors=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------- comparison
+def judge(spec: ModelSpec, dtype: str, row: dict, oracle: dict | None) -> None:
+    """Turn a finished run into pass / fail / diverged with its checks (in place)."""
+    if row["status"] == "diverged" or (row["status"] == "ok" and agreement.first_nonfinite(spec, row["arrays"])):
+        row["status"] = "diverged"
+        row["reason"] = agreement.first_nonfinite(spec, row.get("arrays", {})) or row.get("reason")
+        return
+    if row["status"] != "ok":
+        return
+    checks = agreement.invariance_checks(spec, dtype, row["arrays"])
+    if oracle is None or oracle.get("status") != "ok":
+        row["status"] = "failed"
+        row["reason"] = "no oracle run to compare with" + (f" ({oracle.get('reason')})" if oracle else "")
+        return
+    checks += agreement.compare_runs(spec, dtype, row["arrays"], oracle["arrays"])
+    summary = agreement.summarize(checks)
+    row["checks"] = [c.as_dict() for c in checks]
+    row["agreement"] = summary
+    row["status"] = summary["status"]
+    if summary["first_failure"]:
+        row["reason"] = agreement.describe_failure(summary["first_failure"])
+
+
+def compare(cfg: CompareConfig, progress: Callable[[str], None] = lambda s: None) -> dict:
+    """Run every requested backend against the oracle; returns the result (rows with arrays, metadata)."""
+    spec = validate(cfg)
+    dtype = spec.dtype
+    job = prepare(cfg, spec)
+    progress(f"model {spec.name}: {spec.param_count()} parameters, dtype {dtype}, mode {cfg.mode}, "
+             f"data: {job.dataset_source}")
+    devices = cfg.devices
+    options = {"dtype": dtype, "mode": cfg.mode, "threads": cfg.threads, "fast": cfg.fast}
+    timing = {"rounds": cfg.timing_rounds, "steps": cfg.timing_steps} if cfg.timing else None
+    result = {"config": asdict(cfg), "spec": spec, "job": job, "rows": [], "oracle": {}, "interrupted": False,
+              "started": time.time()}
+    with tempfile.TemporaryDirectory(prefix="dlcompare-") as tmp:
+        work = Path(tmp)
+        try:
+            progress(f"oracle: numpy float64 at batch sizes {job.batch_sizes}")
+            oracle_runs = [{"batch_size": b, "device": "cpu", "steps": cfg.steps, "check_every": cfg.check_every}
+                           for b in job.batch_sizes]
+            oracle_rows = run_backend(ORACLE, job, oracle_runs, {**options, "dtype": "float64", "mode": "aligned",
+                                                                   "fast": False}, cfg.timeout, work)
+            result["oracle"] = {r["batch_size"]: r for r in oracle_rows}
+            for r in oracle_rows:
+                if r["status"] != "ok":
+                    progress(f"  oracle batch {r['batch_size']}: {r['status']}: {r.get('reason')}")
+            for i, b in enumerate(cfg.backends, 1):
+                t = time.perf_counter()
+                progress(f"[{i}/{len(cfg.backends)}] {b} ...")
+                runs = [{"batch_size": bs, "device": d, "steps": cfg.steps, "check_every": cfg.check_every,
+                         "timing": timing} for d in devices for bs in job.batch_sizes]
+                rows = run_backend(b, job, runs, options, cfg.timeout, work)
+                for row in rows:
+                    judge(spec, dtype, row, result["oracle"].get(row["batch_size"]))
+                result["rows"] += rows
+                progress(f"[{i}/{len(cfg.backends)}] {b}: "
+                         + ", ".join(f"batch {r['batch_size']} {r['device']} {r['status']}" for r in rows)
+                         + f" ({time.perf_counter() - t:.1f} s)")
+        except Interrupted as e:
+            for row in e.rows:
+                if row["status"] == "ok":
+                    judge(spec, dtype, row, result["oracle"].get(row["batch_size"]))
+            result["rows"] += e.rows
+            result["interrupted"] = True
+        except KeyboardInterrupt:
+            result["interrupted"] = True
+    result["finished"] = time.time()
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------- training
+@dataclass
+class TrainConfig:
+    model: str
+    backend: str = "numpy"
+    epochs: int | None = None  # default: the spec's
+    batch_size: int | None = None  # default: the spec's N
+    dtype: str | None = None
+    mode: str = "aligned"
+    seed: int = 0
+    init: str | None = None
+    dataset: str | None = None
+    data_dir: str | None = None
+    device: str = "cpu"
+    threads: int | None = None
+    fast: bool = False
+
+
+def train(cfg: TrainConfig, on_event: Callable[[dict], None] = lambda e: None) -> dict:
+    """Full training of one backend in its subprocess; ``on_event`` gets each progress / epoch line as it comes."""
+    import json
+
+    spec = validate(CompareConfig(model=cfg.model, backends=[cfg.backend], dtype=cfg.dtype, init=cfg.init,
+                                  dataset=cfg.dataset, devices=[cfg.device], mode=cfg.mode))
+    epochs = spec.epochs if cfg.epochs is None else cfg.epochs
+    if epochs < 1:
+        raise UserError(f"--epochs must be at least 1, got {epochs}")
+    missing = backends.missing_requirements(cfg.backend)
+    if missing:
+        return {"status": "skipped", "reason": f"not installed ({', '.join(missing)}): "
+                                               f"{backends.install_hint(cfg.backend)}", "epochs": []}
+    ds, x, y, x_test, y_test = load_data(spec, cfg.data_dir)
+    b = cfg.batch_size or max(spec.batch_sizes)
+    if b > len(x):
+        raise UserError(f"batch size {b} is larger than the data set ({len(x)} samples); use at most {len(x)}")
+    data = {"x": x, "y": y}
+    if x_test is not None:
+        data.update(x_test=x_test, y_test=y_test)
+    weights = init_weights(spec, cfg.seed)
+    for j, w in enumerate(weights):
+        data[f"w/{j}"] = w
+    for e in range(epochs):
+        data[f"epoch_{e}"] = epoch_permutation(len(x), cfg.seed, e, spec.shuffle)
+    result = {"status": "ok", "epochs": [], "data_source": ds.source, "batch_size": b, "spec": spec}
+    with tempfile.TemporaryDirectory(prefix="dlcompare-train-") as tmp:
+        job_dir = Path(tmp)
+        options = {"dtype": spec.dtype, "mode": cfg.mode, "threads": cfg.threads, "fast": cfg.fast,
+                   "device": cfg.device}
+        (job_dir / "job.pkl").write_bytes(pickle.dumps({"backend": cfg.backend, "spec": spec, "kind": "train",
+                                                        "options": options, "epochs": epochs, "batch_size": b,
+                                                        "out": str(job_dir / "final.npz"), "runs": []}))
+        np.savez(job_dir / "data.npz", **data)
+        env = subprocess_env(cfg.backend, spec.dtype, cfg.threads)
+        proc = subprocess.Popen([sys.executable, "-m", "harness.worker", str(job_dir)], env=env, cwd=str(PROJECT_ROOT),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            for line in proc.stdout:
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a framework's own chatter on stdout
+                if event.get("event") == "epoch":
+                    result["epochs"].append(event)
+                    if "diverged_at" in event:
+                        result.update(status="diverged", reason=f"diverged at step {event['diverged_at']} (loss)")
+                on_event(event)
+            err = proc.stderr.read()
+            proc.wait()
+        except KeyboardInterrupt:
+            _kill(proc)
+            result.update(status="interrupted", reason="interrupted by the user (Ctrl-C)")
+            return result
+        head_path = job_dir / "worker.json"
+        head = json.loads(head_path.read_text()) if head_path.exists() else {}
+        if head.get("status") == "skipped":
+            result.update(status="skipped", reason=head["reason"])
+        elif proc.returncode != 0:
+            result.update(status="failed", reason=f"subprocess exit code {proc.returncode}; stderr tail:\n{_tail(err)}")
+        result["version"] = head.get("version")
+    return result

@@ -1,0 +1,229 @@
+"""The subprocess side: run one backend on a job prepared by the parent, write plain NumPy results.
+
+``python -m harness.worker JOB_DIR`` reads ``JOB_DIR/job.pkl`` (spec, options, runs) and ``JOB_DIR/data.npz`` (canonical
+initial weights, the data, the batch order, the probe batch) and, for each run, writes ``JOB_DIR/run-<i>.npz`` and
+``JOB_DIR/run-<i>.json`` as soon as that run is finished, so that a crash in a later run keeps the earlier ones.
+
+Only this process imports the backend's framework.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+
+def _atomic_write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _atomic_write_npz(path: Path, arrays: dict) -> None:
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _batch(data, order, k, dtype, integer_labels):
+    idx = order[k]
+    x = data["x"][idx].astype(dtype)
+    y = data["y"][idx]
+    y = y.astype(np.int64) if integer_labels else y.astype(dtype)
+    return x, y
+
+
+def _stack(data, order, a, b, dtype, integer_labels):
+    idx = order[a:b]
+    x = data["x"][idx].astype(dtype)
+    y = data["y"][idx]
+    return x, (y.astype(np.int64) if integer_labels else y.astype(dtype))
+
+
+def run_one(mod, spec, weights, data, run: dict, options) -> tuple[dict, dict]:
+    """Train one backend for ``run['steps']`` steps at one batch size; returns (arrays, metadata)."""
+    from backends.base import BuildOptions
+
+    opts = BuildOptions(**{**options, "device": run["device"]})
+    dtype = np.dtype(opts.dtype)
+    il = spec.loss.integer_labels
+    order = data[f"order_{run['batch_size']}"]
+    steps = int(run["steps"])
+    check_every = int(run["check_every"])
+    probe_x = data["probe_x"].astype(dtype)
+    arrays: dict[str, np.ndarray] = {}
+    meta: dict = {"batch_size": run["batch_size"], "device": run["device"], "steps": steps}
+
+    t0 = time.perf_counter()
+    model = mod.Model(spec, weights, opts)
+    model.sync()
+    meta["build_s"] = time.perf_counter() - t0
+    arrays["pred_init"] = np.asarray(model.predict(probe_x), dtype=np.float64)
+
+    # batch-size invariance at the initial weights: per-sample gradients vs the batch gradient
+    x0, y0 = _batch(data, order, 0, dtype, il)
+    if len(x0) > 1:
+        per = [model.gradients(x0[i : i + 1], y0[i : i + 1])[1] for i in range(len(x0))]
+        combined = [np.sum([np.asarray(p[j], np.float64) for p in per], axis=0) for j in range(len(weights))]
+        if spec.loss.reduction == "mean":
+            combined = [c / len(x0) for c in combined]
+        for j, c in enumerate(combined):
+            arrays[f"inv_grad/{j}"] = c
+        arrays["inv_pred_rows"] = np.concatenate(
+            [np.asarray(model.predict(probe_x[i : i + 1]), np.float64) for i in range(len(probe_x))]
+        )
+
+    # the trajectory: gradients at step 0, 1, 10 and every check_every-th step; weights after 1, 10 and all steps
+    grad_steps = sorted({s for s in (0, 1, 10) if s < steps} | set(range(0, steps, check_every)))
+    weight_steps = sorted({s for s in (1, 10, steps) if s <= steps})
+    marks = sorted(set(grad_steps) | set(weight_steps) | {steps})
+    losses = np.empty(steps)
+    step_times = []
+    done = 0
+    for mark in marks:
+        if mark > done:
+            xs, ys = _stack(data, order, done, mark, dtype, il)
+            model.sync()
+            t = time.perf_counter()
+            losses[done:mark] = model.train_steps(xs, ys)
+            model.sync()
+            step_times.append((mark - done, time.perf_counter() - t))
+            done = mark
+            if not np.all(np.isfinite(losses[:done])):
+                bad = int(np.argmax(~np.isfinite(losses[:done])))
+                meta["diverged_at"] = bad
+                break
+        if mark in weight_steps:
+            for j, w in enumerate(model.get_weights()):
+                arrays[f"weights/{mark}/{j}"] = np.asarray(w, np.float64)
+        if mark in grad_steps and mark < steps:
+            loss, grads = model.gradients(*_batch(data, order, mark, dtype, il))
+            arrays[f"grad_loss/{mark}"] = np.float64(loss)
+            for j, g in enumerate(grads):
+                arrays[f"grads/{mark}/{j}"] = np.asarray(g, np.float64)
+    arrays["losses"] = losses[:done]
+    meta["steps_done"] = done
+    arrays["pred_final"] = np.asarray(model.predict(probe_x), dtype=np.float64)
+    meta["segments"] = step_times
+    meta["info"] = getattr(model, "info", {})
+
+    timing = run.get("timing")
+    if timing and done == steps:
+        from harness.timing import time_steps
+
+        xs, ys = _stack(data, order, 0, min(steps, timing["steps"]), dtype, il)
+        meta["timing"] = time_steps(model, xs, ys, rounds=timing["rounds"], steps=timing["steps"])
+    return arrays, meta
+
+
+def accuracy(spec, pred: np.ndarray, y: np.ndarray) -> float:
+    """Fraction correct: argmax for softmax, threshold 0.5 for sigmoid and for the 4-3-1's sigmoid output."""
+    if spec.loss.integer_labels:
+        return float(np.mean(np.argmax(pred, axis=-1) == y))
+    return float(np.mean((pred > 0.5) == (y > 0.5)))
+
+
+def _predict_chunked(model, x, dtype, chunk=1000):
+    return np.concatenate([np.asarray(model.predict(x[i : i + chunk].astype(dtype)), np.float64)
+                           for i in range(0, len(x), chunk)])
+
+
+def train(mod, spec, weights, data, job) -> None:
+    """Full training; one JSON line per progress event on stdout (the parent draws the progress bar)."""
+    from backends.base import BuildOptions
+
+    opts = BuildOptions(**job["options"])
+    dtype = np.dtype(opts.dtype)
+    il = spec.loss.integer_labels
+    model = mod.Model(spec, weights, opts)
+    x, y = data["x"], data["y"]
+    b = job["batch_size"]
+    per_epoch = len(x) // b
+    chunk = max(1, per_epoch // 20)
+    for epoch in range(job["epochs"]):
+        order = data[f"epoch_{epoch}"][: per_epoch * b].reshape(per_epoch, b)
+        t = time.perf_counter()
+        losses = []
+        for a in range(0, per_epoch, chunk):
+            xs, ys = _stack({"x": x, "y": y}, order, a, min(a + chunk, per_epoch), dtype, il)
+            losses.append(np.asarray(model.train_steps(xs, ys)))
+            print(json.dumps({"event": "progress", "epoch": epoch, "step": min(a + chunk, per_epoch),
+                              "of": per_epoch}), flush=True)
+        model.sync()
+        elapsed = time.perf_counter() - t
+        losses = np.concatenate(losses)
+        line = {"event": "epoch", "epoch": epoch, "loss": float(np.mean(losses)), "time_s": elapsed,
+                "train_acc": accuracy(spec, _predict_chunked(model, x, dtype), y)}
+        if "x_test" in data:
+            line["test_acc"] = accuracy(spec, _predict_chunked(model, data["x_test"], dtype), data["y_test"])
+        if not np.all(np.isfinite(losses)):
+            line["diverged_at"] = int(epoch * per_epoch + np.argmax(~np.isfinite(losses)))
+            print(json.dumps(line), flush=True)
+            return
+        print(json.dumps(line), flush=True)
+    np.savez(Path(job["out"]), *[np.asarray(w) for w in model.get_weights()])
+
+
+def environment_flags() -> dict:
+    keys = ("TF_ENABLE_ONEDNN_OPTS", "TF_DETERMINISTIC_OPS", "OMP_NUM_THREADS", "KERAS_BACKEND", "JAX_ENABLE_X64",
+            "XLA_FLAGS", "CUDA_VISIBLE_DEVICES", "DLCOMPARE_ARRAY_MODULE", "JAX_PLATFORMS")
+    return {k: os.environ.get(k) for k in keys}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    job_dir = Path(argv[0])
+    job = pickle.loads((job_dir / "job.pkl").read_bytes())
+    status_path = job_dir / "worker.json"
+    import backends
+    from backends.base import Unsupported
+
+    head = {"backend": job["backend"], "python": platform.python_version(), "pid": os.getpid(),
+            "env": environment_flags()}
+    try:
+        mod = backends.load(job["backend"])
+        head["version"] = mod.probe()
+        head["devices"] = mod.devices()
+    except ImportError as e:
+        head.update(status="skipped", reason=f"not installed ({e}); {backends.install_hint(job['backend'])}")
+        _atomic_write_json(status_path, head)
+        return 0
+    _atomic_write_json(status_path, head)
+
+    with np.load(job_dir / "data.npz") as f:
+        data = {k: f[k] for k in f.files}
+    spec = job["spec"]
+    weights = [data[f"w/{j}"] for j in range(len(spec.param_shapes()))]
+    if job.get("kind") == "train":
+        train(mod, spec, weights, data, job)
+        return 0
+    for i, run in enumerate(job["runs"]):
+        out = job_dir / f"run-{i}"
+        try:
+            if run["device"] not in head["devices"]:
+                raise Unsupported(f"no {run['device'].upper()} device" if run["device"] == "cuda"
+                                  else f"device {run['device']} not available")
+            arrays, meta = run_one(mod, spec, [w.copy() for w in weights], data, run, job["options"])
+            meta["status"] = "diverged" if "diverged_at" in meta else "ok"
+        except Unsupported as e:
+            arrays, meta = {}, {"status": "skipped", "reason": str(e)}
+        except Exception as e:  # a failing backend becomes a failed row, never a crash of the harness
+            arrays = {}
+            meta = {"status": "failed", "reason": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        meta.update(batch_size=run["batch_size"], device=run["device"])
+        if arrays:
+            _atomic_write_npz(out.with_suffix(".npz"), arrays)
+        _atomic_write_json(out.with_suffix(".json"), meta)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
