@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import os
 from dataclasses import dataclass, field
 
 
@@ -54,11 +55,35 @@ REGISTRY: dict[str, BackendInfo] = {
 }
 
 
+PLUGINS_ENV = "DLCOMPARE_PLUGINS"
+
+
+def plugins() -> dict[str, BackendInfo]:
+    """Extra backends from ``$DLCOMPARE_PLUGINS``: ``name=module[:KEY=VALUE...]`` entries separated by commas.
+
+    Lets a user compare their own implementation (any module with the backend contract, importable from PYTHONPATH),
+    and lets the self-test and the robustness tests run planted-bug and fault-injecting backends in real subprocesses.
+    """
+    out = {}
+    for entry in filter(None, (e.strip() for e in os.environ.get(PLUGINS_ENV, "").split(","))):
+        name, sep, rest = entry.partition("=")
+        if not sep or not rest:
+            raise ValueError(f"{PLUGINS_ENV} entry {entry!r} is not name=module[:KEY=VALUE...]")
+        module, *pairs = rest.split(":")
+        env = dict(p.split("=", 1) for p in pairs if "=" in p)
+        out[name] = BackendInfo(name, module, (), None, f"plugin {module}", env=env)
+    return out
+
+
+def all_backends() -> dict[str, BackendInfo]:
+    return {**REGISTRY, **plugins()}
+
+
 def get_info(name: str) -> BackendInfo:
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown backend {name!r}; valid backends: {', '.join(REGISTRY)}") from None
+    found = all_backends().get(name)
+    if found is None:
+        raise ValueError(f"unknown backend {name!r}; valid backends: {', '.join(REGISTRY)}")
+    return found
 
 
 def missing_requirements(name: str) -> list[str]:
