@@ -151,6 +151,19 @@ def cmd_report(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------------- selftest
+def cmd_selftest(args) -> int:
+    from .selftest import format_selftest, run_selftest
+
+    clean = [b.strip() for b in args.clean_backends.split(",") if b.strip()] if args.clean_backends else []
+    for b in clean:
+        backends.get_info(b)
+    result = run_selftest(model=args.model, seeds=args.seeds, steps=args.steps, batch_size=args.batch_size,
+                          dtype=args.dtype, clean_backends=clean, progress=_progress)
+    print(format_selftest(result))
+    return 0 if result["ok"] else 1
+
+
 # ------------------------------------------------------------------------------------------------------------- data
 def cmd_data_fetch(args) -> int:
     from models.data import fetch
@@ -210,6 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results-dir", default=str(_default_results()))
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("selftest", help="plant known bugs into backend copies and show that each one is caught")
+    p.add_argument("--model", default="mnist_mlp")
+    p.add_argument("--seeds", type=int, default=5, help="clean runs on this many seeds (default 5)")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--dtype", default="float64")
+    p.add_argument("--clean-backends", help="also run these installed backends clean on every seed, e.g. torch,jax")
+    p.set_defaults(func=cmd_selftest)
+
     p = sub.add_parser("data", help="data sets")
     dsub = p.add_subparsers(dest="data_command", required=True)
     f = dsub.add_parser("fetch", help="download a data set with sha256 checks")
@@ -231,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (UserError, DataError) as e:
+    except (UserError, DataError, ValueError) as e:
         _err(str(e))
         return 2
     except PermissionError as e:

@@ -1,0 +1,95 @@
+"""Planted-bug copies of the NumPy backend for ``harness selftest`` (a backend module: same contract).
+
+``DLCOMPARE_MUTANT=<bug>`` picks the bug; ``none`` is the clean copy.  Each bug is one a real port makes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from backends import numpy_scratch
+from backends.base import Unsupported
+from backends.numpy_scratch import CAPABILITIES, devices, probe  # noqa: F401  (the backend contract)
+from models.spec import Adam, Loss, f32
+
+BUGS = {
+    "adam_eps": "Adam epsilon 10x the spec's",
+    "adam_convention": "Adam epsilon added to sqrt(v_hat) (torch/optax) instead of the spec's eps-hat form",
+    "transposed_weight": "a square kernel loaded transposed (and exported transposed back)",
+    "bias_frozen": "biases never updated",
+    "reduction": "sum over the batch instead of the mean (or the mean instead of the sum)",
+    "gradient_sign": "the sign of one gradient (the last bias) flipped",
+    "batch_shift": "batch order shifted by one step (trains on the previous batch)",
+    "float32_loss": "the loss and its gradient accumulated in float32 in a float64 run",
+    "stale_state": "Adam's second moment never updated after step 2 (stale optimizer state)",
+}
+
+BUG = os.environ.get("DLCOMPARE_MUTANT", "none")
+
+
+class Model(numpy_scratch.Model):
+    def __init__(self, spec, weights, options):
+        if BUG not in BUGS and BUG != "none":
+            raise ValueError(f"unknown planted bug {BUG!r}; valid: none, {', '.join(BUGS)}")
+        opt = spec.optimizer
+        if BUG in ("adam_eps", "adam_convention", "stale_state") and not isinstance(opt, Adam):
+            raise Unsupported(f"bug {BUG} needs an Adam model")
+        if BUG == "adam_eps":
+            spec = dataclasses.replace(spec, optimizer=dataclasses.replace(opt, epsilon=f32(opt.epsilon * 10)))
+        elif BUG == "adam_convention":
+            other = "eps_v_hat" if opt.convention == "eps_hat" else "eps_hat"
+            spec = dataclasses.replace(spec, optimizer=dataclasses.replace(opt, convention=other))
+        elif BUG == "reduction":
+            other = "sum" if spec.loss.reduction == "mean" else "mean"
+            spec = dataclasses.replace(spec, loss=Loss(spec.loss.kind, other))
+        super().__init__(spec, weights, options)
+        self.transposed = None
+        if BUG == "transposed_weight":
+            square = [j for j, p in enumerate(self.params) if p.ndim == 2 and p.shape[0] == p.shape[1]]
+            if not square:
+                raise Unsupported("bug transposed_weight needs a square dense kernel (mnist_mlp has one)")
+            self.transposed = square[0]
+            self.params[self.transposed] = self.params[self.transposed].T.copy()
+        self.previous = None
+
+    def _loss_grads(self, x, y):
+        if BUG == "float32_loss":
+            out, caches = numpy_scratch.forward(self.xp, self.spec, self.params, x, keep=True)
+            y32 = y if self.spec.loss.integer_labels else y.astype(np.float32)
+            loss, dout = numpy_scratch.loss_and_grad(self.xp, self.spec, out.astype(np.float32), y32)
+            return loss, numpy_scratch.backward(self.xp, self.spec, self.params, caches, dout.astype(out.dtype))
+        loss, grads = super()._loss_grads(x, y)
+        if BUG == "gradient_sign":
+            grads[-1] = -grads[-1]
+        return loss, grads
+
+    def _apply(self, grads):
+        if BUG == "bias_frozen":
+            grads = [g if g.ndim > 1 else np.zeros_like(g) for g in grads]
+        saved_v = [v.copy() for v in self.v] if BUG == "stale_state" and self.t >= 2 else None
+        super()._apply(grads)
+        if saved_v is not None:
+            for v, old in zip(self.v, saved_v):
+                v[...] = old
+
+    def train_step(self, x, y):
+        if BUG == "batch_shift":
+            prev, self.previous = self.previous, (x, y)
+            if prev is not None:
+                x, y = prev
+        return super().train_step(x, y)
+
+    def gradients(self, x, y):
+        loss, grads = super().gradients(x, y)
+        if self.transposed is not None:
+            grads[self.transposed] = grads[self.transposed].T
+        return loss, grads
+
+    def get_weights(self):
+        w = super().get_weights()
+        if self.transposed is not None:
+            w[self.transposed] = w[self.transposed].T
+        return w
