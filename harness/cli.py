@@ -73,7 +73,8 @@ def cmd_compare(args) -> int:
         batch_sizes=runner.parse_int_list(args.batch_sizes, "--batch-sizes") if args.batch_sizes else None,
         steps=args.steps, dtype=args.dtype, devices=_devices(args.device), mode=args.mode, seed=args.seed,
         init=args.init, dataset=args.dataset, data_dir=args.data_dir, check_every=args.check_every,
-        timing=not args.no_timing, timeout=args.timeout, threads=args.threads, fast=args.fast)
+        timing=not args.no_timing, timeout=args.timeout, threads=args.threads, fast=args.fast,
+        repeat=not args.no_repeat)
     runner.validate(cfg)
     check_writable(results_dir)  # before any work starts
     result = runner.compare(cfg, progress=_progress)
@@ -84,7 +85,7 @@ def cmd_compare(args) -> int:
     if result["interrupted"]:
         print("interrupted: finished rows were saved; the partial one is marked 'interrupted'", file=sys.stderr)
         return 130
-    bad = [r for r in record["rows"] if r["status"] not in ("pass", "skipped")]
+    bad = [r for r in record["rows"] if r["status"] not in ("pass", "skipped", "matches spec", "differs")]
     return 1 if bad else 0
 
 
@@ -206,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-every", type=int, default=10, help="compare gradients every k-th step")
     p.add_argument("--device", default="cpu", help="cpu, cuda or all")
     p.add_argument("--no-timing", action="store_true", help="agreement only, skip the timed rounds")
+    p.add_argument("--no-repeat", action="store_true", help="skip the determinism replay of each trajectory")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per backend subprocess (default 900)")
     p.add_argument("--results-dir", default=str(_default_results()), help="where raw results and tables go")
     p.set_defaults(func=cmd_compare)

@@ -39,6 +39,13 @@ def status_text(row: dict) -> str:
     return f"{st}: {reason}"
 
 
+def _repeat(r: dict) -> str:
+    d = (r.get("meta") or {}).get("determinism")
+    if not d:
+        return "-"
+    return "bit-identical" if d["bit_identical"] else f"differs ({max(d['max_loss_diff'], d['max_weight_diff']):.1e})"
+
+
 def agreement_rows(rows: list[dict]) -> list[list]:
     out = []
     for r in rows:
@@ -46,12 +53,42 @@ def agreement_rows(rows: list[dict]) -> list[list]:
         inv = max([v for k, v in worst.items() if k.startswith("invariance")], default=None)
         out.append([r["backend"], r["dtype"], r["mode"], r["device"], r["batch_size"], status_text(r),
                     _fmt_err(worst.get("loss")), _fmt_err(worst.get("grads")), _fmt_err(worst.get("weights")),
-                    _fmt_err(worst.get("pred")), _fmt_err(inv)])
+                    _fmt_err(worst.get("pred")), _fmt_err(inv), _repeat(r)])
     return out
 
 
 AGREEMENT_HEADERS = ["backend", "dtype", "mode", "device", "batch", "status", "loss err", "grad err", "weight err",
-                     "pred err", "batch-invariance err"]
+                     "pred err", "batch-invariance err", "repeat"]
+
+
+def native_rows(rows: list[dict]) -> list[list]:
+    """The defaults audit: what each framework's defaults change, and how far they move the trajectory."""
+    out = []
+    for r in rows:
+        if r["mode"] != "native" or "agreement" not in r:
+            continue
+        worst = r["agreement"]["worst"]
+        diffs = r.get("native_differences")
+        out.append([r["backend"], r["dtype"], r["batch_size"], "; ".join(diffs) if diffs else "(none reported)",
+                    _fmt_err(worst.get("loss")), _fmt_err(worst.get("weights")), r["status"]])
+    return out
+
+
+NATIVE_HEADERS = ["backend", "dtype", "batch", "defaults that differ from the spec", "loss err", "weight err", "verdict"]
+
+
+def pair_matrix(pairs: list[dict], tablefmt: str = "simple") -> str:
+    """One matrix per (batch size, device): worst scaled error between every two backends."""
+    blocks = []
+    for key in sorted({(p["batch_size"], p["device"]) for p in pairs}):
+        sel = [p for p in pairs if (p["batch_size"], p["device"]) == key]
+        names = sorted({p["a"] for p in sel} | {p["b"] for p in sel})
+        cell = {}
+        for p in sel:
+            cell[(p["a"], p["b"])] = cell[(p["b"], p["a"])] = _fmt_err(p["worst"]) + ("" if p["status"] == "pass" else " ✗")
+        table = [[a] + [("" if a == b else cell.get((a, b), "-")) for b in names] for a in names]
+        blocks.append(f"batch {key[0]}, {key[1]}:\n" + tabulate(table, headers=[""] + names, tablefmt=tablefmt))
+    return "\n\n".join(blocks)
 
 
 def speed_rows(rows: list[dict]) -> list[list]:
@@ -76,6 +113,11 @@ SPEED_HEADERS = ["backend", "dtype", "device", "batch", "ms/step (median ± IQR)
 def console_table(record: dict) -> str:
     rows = sorted(record["rows"], key=lambda r: (r["batch_size"], r["device"], r["backend"]))
     text = tabulate(agreement_rows(rows), headers=AGREEMENT_HEADERS, tablefmt="simple")
+    nat = native_rows(rows)
+    if nat:
+        text += "\n\nDefaults audit (native mode vs the spec)\n" + tabulate(nat, headers=NATIVE_HEADERS)
+    if len({p["a"] for p in record.get("pairs", [])} | {p["b"] for p in record.get("pairs", [])}) > 2:
+        text += "\n\nPairwise worst scaled error (✗: beyond tolerance)\n" + pair_matrix(record["pairs"])
     sp = speed_rows(rows)
     if sp:
         text += "\n\n" + tabulate(sp, headers=SPEED_HEADERS, tablefmt="simple")
@@ -118,6 +160,23 @@ def model_markdown(model: str, records: list[dict]) -> str | None:
     lines.append(tabulate(agreement_rows(rows), headers=AGREEMENT_HEADERS, tablefmt="github"))
     if absent:
         lines += ["", "Backends with no row in any run: " + ", ".join(f"`{b}` (not run)" for b in absent) + "."]
+    nat = native_rows(rows)
+    if nat:
+        lines += ["", "## Defaults audit (`--mode native`)", "",
+                  "Each framework run with its own defaults (Adam epsilon and its convention, idiomatic loss) from "
+                  "the same initial weights: how far the defaults move loss and weights from the spec.", ""]
+        lines.append(tabulate(nat, headers=NATIVE_HEADERS, tablefmt="github"))
+    pairs: dict[tuple, dict] = {}
+    for rec in used:
+        for p in rec.get("pairs", []):
+            pairs[(rec["dtype"], rec["config"]["mode"], p["batch_size"], p["device"], p["a"], p["b"])] = p
+    groups = sorted({k[:2] for k in pairs})
+    for dtype, mode in groups:
+        sel = [p for k, p in pairs.items() if k[:2] == (dtype, mode)]
+        if len({p["a"] for p in sel} | {p["b"] for p in sel}) > 2:
+            lines += ["", f"## Every pair of backends ({dtype}, {mode})", "",
+                      "Worst scaled error between two backends over the compared quantities; ✗ beyond tolerance.", ""]
+            lines.append(pair_matrix(sel, tablefmt="github"))
     sp = speed_rows(rows)
     if sp:
         lines += ["", "## Speed", "",

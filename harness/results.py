@@ -122,6 +122,7 @@ def to_record(result: dict, run_id: str) -> dict:
         "spec": spec_to_dict(spec),
         "oracle": oracle,
         "rows": rows,
+        "pairs": result.get("pairs", []),
     }
 
 

@@ -55,6 +55,7 @@ class CompareConfig:
     timing_rounds: int = 5
     timing_steps: int = 20
     timeout: float = 900.0  # seconds per backend subprocess
+    repeat: bool = True  # replay each trajectory in a fresh model: bit-identical?
     threads: int | None = None
     fast: bool = False
 
@@ -272,11 +273,17 @@ def judge(spec: ModelSpec, dtype: str, row: dict, oracle: dict | None) -> None:
         return
     checks += agreement.compare_runs(spec, dtype, row["arrays"], oracle["arrays"])
     summary = agreement.summarize(checks)
-    row["checks"] = [c.as_dict() for c in checks]
+    row["checks"] = [c.as_dict() for c in checks if c.ok is False][:50]  # the failing ones; worst kept in summary
     row["agreement"] = summary
     row["status"] = summary["status"]
     if summary["first_failure"]:
         row["reason"] = agreement.describe_failure(summary["first_failure"])
+    if row["mode"] == "native":
+        # the defaults audit: a native row is expected to part from the spec; say whether and how far
+        row["status"] = "matches spec" if summary["status"] == "pass" else "differs"
+        diffs = ((row.get("meta") or {}).get("info") or {}).get("native_differences")
+        if diffs is not None:
+            row["native_differences"] = diffs
 
 
 def compare(cfg: CompareConfig, progress: Callable[[str], None] = lambda s: None) -> dict:
@@ -307,7 +314,7 @@ def compare(cfg: CompareConfig, progress: Callable[[str], None] = lambda s: None
                 t = time.perf_counter()
                 progress(f"[{i}/{len(cfg.backends)}] {b} ...")
                 runs = [{"batch_size": bs, "device": d, "steps": cfg.steps, "check_every": cfg.check_every,
-                         "timing": timing} for d in devices for bs in job.batch_sizes]
+                         "timing": timing, "repeat": cfg.repeat} for d in devices for bs in job.batch_sizes]
                 rows = run_backend(b, job, runs, options, cfg.timeout, work)
                 for row in rows:
                     judge(spec, dtype, row, result["oracle"].get(row["batch_size"]))
@@ -323,8 +330,25 @@ def compare(cfg: CompareConfig, progress: Callable[[str], None] = lambda s: None
             result["interrupted"] = True
         except KeyboardInterrupt:
             result["interrupted"] = True
+    result["pairs"] = pairwise(spec, dtype, result["rows"])
     result["finished"] = time.time()
     return result
+
+
+def pairwise(spec: ModelSpec, dtype: str, rows: list[dict]) -> list[dict]:
+    """Every pair of finished rows at the same batch size and device: worst scaled error of losses and weights."""
+    done = [r for r in rows if "arrays" in r and r["status"] not in ("failed", "skipped", "diverged")]
+    out = []
+    for i, a in enumerate(done):
+        for b in done[i + 1:]:
+            if (a["batch_size"], a["device"]) != (b["batch_size"], b["device"]):
+                continue
+            checks = agreement.compare_runs(spec, dtype, a["arrays"], b["arrays"])
+            s = agreement.summarize(checks)
+            out.append({"a": a["backend"], "b": b["backend"], "batch_size": a["batch_size"], "device": a["device"],
+                        "status": s["status"], "worst": max(s["worst"].values(), default=0.0),
+                        "first_failure": s["first_failure"]})
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------- training

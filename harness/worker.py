@@ -111,6 +111,8 @@ def run_one(mod, spec, weights, data, run: dict, options) -> tuple[dict, dict]:
                 arrays[f"grads/{mark}/{j}"] = np.asarray(g, np.float64)
     arrays["losses"] = losses[:done]
     meta["steps_done"] = done
+    if run.get("repeat") and done == steps:
+        meta["determinism"] = repeat_check(mod, spec, weights, data, order, marks, opts, arrays, steps)
     arrays["pred_final"] = np.asarray(model.predict(probe_x), dtype=np.float64)
     meta["segments"] = step_times
     meta["info"] = getattr(model, "info", {})
@@ -122,6 +124,25 @@ def run_one(mod, spec, weights, data, run: dict, options) -> tuple[dict, dict]:
         xs, ys = _stack(data, order, 0, min(steps, timing["steps"]), dtype, il)
         meta["timing"] = time_steps(model, xs, ys, rounds=timing["rounds"], steps=timing["steps"])
     return arrays, meta
+
+
+def repeat_check(mod, spec, weights, data, order, marks, opts, arrays, steps) -> dict:
+    """Replay the trajectory with a fresh model (same segments): are losses and final weights bit-identical?"""
+    dtype = np.dtype(opts.dtype)
+    model = mod.Model(spec, [w.copy() for w in weights], opts)
+    losses = []
+    done = 0
+    for mark in marks:
+        if mark > done:
+            losses.append(np.asarray(model.train_steps(*_stack(data, order, done, mark, dtype, spec.loss.integer_labels))))
+            done = mark
+    losses = np.concatenate(losses)
+    final = [np.asarray(w, np.float64) for w in model.get_weights()]
+    ref = [arrays[f"weights/{steps}/{j}"] for j in range(len(final))]
+    loss_diff = float(np.max(np.abs(losses - arrays["losses"])))
+    weight_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(final, ref))
+    return {"bit_identical": bool(loss_diff == 0 and weight_diff == 0), "max_loss_diff": loss_diff,
+            "max_weight_diff": weight_diff}
 
 
 def accuracy(spec, pred: np.ndarray, y: np.ndarray) -> float:

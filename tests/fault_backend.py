@@ -34,6 +34,8 @@ class Model(numpy_scratch.Model):
         if FAULT == "hang" and self.steps == 2:
             time.sleep(3600)
         loss = super().train_step(x, y)
+        if FAULT == "nondeterministic":  # an unseeded, ulp-sized perturbation, like a racy reduction
+            self.params[0] += np.random.default_rng().normal(0, 1e-16, self.params[0].shape)
         if FAULT == "nan" and self.steps >= 4:
             self.params[2][...] = np.nan
             return float("nan")
