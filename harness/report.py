@@ -188,13 +188,31 @@ def model_markdown(model: str, records: list[dict]) -> str | None:
     return "\n".join(lines)
 
 
-def build_reports(results_dir: Path = DEFAULT_RESULTS_DIR, models: list[str] | None = None) -> list[Path]:
+def build_reports(results_dir: Path = DEFAULT_RESULTS_DIR, models: list[str] | None = None,
+                  plots: bool = True) -> list[Path]:
+    from . import plots as plotting
+
     records = load_records(results_dir)
     written = []
     for model in models or list(MODELS):
         md = model_markdown(model, records)
         if md is None:
             continue
+        if plots:
+            rows, used = merged_rows(records, model)
+            oracle = {}
+            for rec in used:
+                for b, o in rec.get("oracle", {}).items():
+                    if o.get("losses"):
+                        oracle[(rec["dtype"], int(b))] = o["losses"]
+            loss_png = Path(results_dir) / f"{model}-loss.png"
+            time_png = Path(results_dir) / f"{model}-steptime.png"
+            made = [(plotting.loss_curves(model, rows, oracle, loss_png), "loss"),
+                    (plotting.step_times(model, rows, time_png), "steptime")]
+            for png, kind in made:
+                if png:
+                    md += f"\n![{model} {kind}]({png.name})\n"
+                    written.append(png)
         path = Path(results_dir) / f"{model}.md"
         tmp = path.with_suffix(".md.tmp")
         tmp.write_text(md)

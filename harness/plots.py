@@ -1,0 +1,65 @@
+"""PNG plots generated from raw results: loss curves of every backend over the oracle, and step-time bars."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def loss_curves(model: str, rows: list[dict], oracle: dict, out: Path) -> Path | None:
+    """One panel per (dtype, batch size): each backend's per-step loss, the oracle dashed on top."""
+    groups = sorted({(r["dtype"], r["batch_size"]) for r in rows if r.get("losses") and r["mode"] == "aligned"})
+    if not groups:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
+    for ax, (dtype, b) in zip(axes[0], groups):
+        for r in sorted((r for r in rows if (r["dtype"], r["batch_size"]) == (dtype, b) and r.get("losses")
+                         and r["mode"] == "aligned"), key=lambda r: r["backend"]):
+            ax.plot(range(len(r["losses"])), r["losses"], label=f"{r['backend']} ({r['device']})", alpha=0.8, lw=1.5)
+        ref = oracle.get((dtype, b))
+        if ref:
+            ax.plot(range(len(ref)), ref, "k--", lw=1, label="oracle (numpy float64)")
+        ax.set_title(f"{model}, {dtype}, batch {b}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def step_times(model: str, rows: list[dict], out: Path) -> Path | None:
+    """Median ms/step per backend (IQR as error bar), log scale, one panel per (device, batch size)."""
+    timed = [r for r in rows if (r.get("meta") or {}).get("timing")]
+    groups = sorted({(r["device"], r["batch_size"]) for r in timed})
+    if not groups:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
+    for ax, (dev, b) in zip(axes[0], groups):
+        sel = sorted((r for r in timed if (r["device"], r["batch_size"]) == (dev, b)),
+                     key=lambda r: r["meta"]["timing"]["median_s"])
+        labels = [f"{r['backend']}\n{r['dtype']}" for r in sel]
+        med = [r["meta"]["timing"]["median_s"] * 1e3 for r in sel]
+        iqr = [r["meta"]["timing"]["iqr_s"] * 1e3 / 2 for r in sel]
+        ax.bar(range(len(sel)), med, yerr=iqr, color="tab:blue", alpha=0.8, capsize=3)
+        ax.set_xticks(range(len(sel)), labels, rotation=45, ha="right", fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("ms per step (median, IQR)")
+        ax.set_title(f"{model}: {dev}, batch {b}")
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
