@@ -82,6 +82,11 @@ class Model(Protocol):
         """Block until all queued device work is done (called before any clock is read)."""
         ...
 
+    # Optional, used by the timing protocol when present:
+    #   to_device(xs, ys) -> (xs, ys): the stacked batches as framework tensors on the model's device, accepted by
+    #       train_steps, so that timed rounds do not count host-to-device conversion (data loading is not timed).
+    #   gpu_peak_mb() -> float: peak device memory allocated by the framework so far.
+
 
 class ModelBase:
     """Shared plumbing: argument checks and the default ``train_steps`` loop."""

@@ -101,13 +101,14 @@ def speed_rows(rows: list[dict]) -> list[list]:
     out = []
     for r, t in timed:
         out.append([r["backend"], r["dtype"], r["device"], r["batch_size"], _fmt_ms(t), f"{t['samples_per_s']:.4g}",
-                    f"{t['warmup_s']:.3g}", f"{t['peak_rss_mb']:.0f}",
+                    f"{t['epoch_s']:.3g}" if "epoch_s" in t else "-", f"{t['warmup_s']:.3g}",
+                    f"{t['peak_rss_mb']:.0f}" + (f" / {t['gpu_peak_mb']:.0f}" if t.get("gpu_peak_mb") else ""),
                     f"{t['median_s'] / fastest[(r['device'], r['batch_size'])]:.2f}"])
     return out
 
 
-SPEED_HEADERS = ["backend", "dtype", "device", "batch", "ms/step (median ± IQR)", "samples/s", "warm-up s",
-                 "peak RSS MB", "x fastest"]
+SPEED_HEADERS = ["backend", "dtype", "device", "batch", "ms/step (median ± IQR)", "samples/s", "epoch s", "warm-up s",
+                 "peak RSS / GPU MB", "x fastest"]
 
 
 def console_table(record: dict) -> str:

@@ -318,6 +318,9 @@ def compare(cfg: CompareConfig, progress: Callable[[str], None] = lambda s: None
                 rows = run_backend(b, job, runs, options, cfg.timeout, work)
                 for row in rows:
                     judge(spec, dtype, row, result["oracle"].get(row["batch_size"]))
+                    timing_ = (row.get("meta") or {}).get("timing")
+                    if timing_:  # an epoch = the full batches of the training set
+                        timing_["epoch_s"] = timing_["median_s"] * (len(job.data["x"]) // row["batch_size"])
                 result["rows"] += rows
                 progress(f"[{i}/{len(cfg.backends)}] {b}: "
                          + ", ".join(f"batch {r['batch_size']} {r['device']} {r['status']}" for r in rows)
