@@ -1,6 +1,7 @@
 """The one tolerance table, keyed by dtype, check and float32 regime; each entry justified by a measurement.
 
-The metric is the scaled error per tensor, ``max|a-b| / max(max|a|, max|b|)`` (a relative error for scalars).
+The metric is the scaled error per tensor, ``max|a-b| / max(max|a|, max|b|)`` (a relative error for scalars); for
+weights the scale is never below one learning rate (``harness.agreement.weight_scale_floor``, with its measurement).
 Numbers are from ``shared/guides/numerics.md`` section 6 (tensorflow-cpu 2.21, keras 3.15.1, torch 2.13, jax 0.10.2,
 2-core CPU): "noise" is the largest error seen between correct implementations, "bug" the smallest planted bug seen.
 No entry is ever widened to turn a red row green: find the cause instead.

@@ -1,0 +1,70 @@
+"""One test body for every registered backend: the module contract, and agreement with the oracle on a small run.
+
+Each backend is imported only in its own subprocess (as the harness does); a backend whose framework is missing is
+skipped with the pip hint as the reason.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import backends
+from harness.runner import PROJECT_ROOT, CompareConfig, compare, subprocess_env
+
+NAMES = [n for n in backends.REGISTRY]
+
+
+def require(name):
+    missing = backends.missing_requirements(name)
+    if missing:
+        pytest.skip(f"{name}: not installed ({', '.join(missing)}): {backends.install_hint(name)}")
+
+
+CONTRACT = """
+import json, sys, inspect
+import backends
+from backends.base import Capabilities, ModelBase
+m = backends.load(sys.argv[1])
+print(json.dumps({
+    "capabilities": isinstance(m.CAPABILITIES, Capabilities),
+    "version": m.probe(),
+    "devices": m.devices(),
+    "model_base": issubclass(m.Model, ModelBase),
+    "methods": [k for k in ("train_step", "train_steps", "gradients", "predict", "get_weights", "sync")
+                if callable(getattr(m.Model, k, None))],
+}))
+"""
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_backend_module_fulfils_the_contract(name):
+    require(name)
+    out = subprocess.run([sys.executable, "-c", CONTRACT, name], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                         env=subprocess_env(name, "float32", None), timeout=300)
+    if out.returncode != 0 and name == "cupy":
+        pytest.skip(f"cupy installed but unusable here: {out.stderr.strip().splitlines()[-1]}")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["capabilities"] and info["model_base"] and info["version"]
+    assert info["methods"] == ["train_step", "train_steps", "gradients", "predict", "get_weights", "sync"]
+    assert set(info["devices"]) <= {"cpu", "cuda"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_backend_agrees_with_the_oracle_on_the_431_net_in_float64(name):
+    require(name)
+    res = compare(CompareConfig(model="mlp_431", backends=[name], steps=12, dtype="float64", timing=False))
+    for row in res["rows"]:
+        assert row["status"] in ("pass", "skipped"), (row["batch_size"], row["status"], row.get("reason"))
+        if row["status"] == "skipped":
+            assert row["reason"]  # a skip always says why
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_backend_agrees_with_the_oracle_on_pima_in_float32(name):
+    require(name)
+    res = compare(CompareConfig(model="pima_mlp", backends=[name], steps=4, dtype="float32", timing=False))
+    for row in res["rows"]:
+        assert row["status"] == "pass", (row["batch_size"], row["status"], row.get("reason"))
