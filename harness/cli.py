@@ -65,6 +65,14 @@ def cmd_compare(args) -> int:
     from .report import console_table
     from .results import check_writable, to_record, write_run
 
+    if args.quick and args.full:
+        raise UserError("--quick and --full exclude each other; pick one")
+    if args.quick:  # agreement over 10 steps, 3 short timed rounds, no determinism replay
+        args.steps, args.no_repeat, rounds = min(args.steps, 10), True, 3
+    elif args.full:  # 200 steps (covers the 1/10/full-run tolerance rows), 10 timed rounds
+        args.steps, rounds = max(args.steps, 200), 10
+    else:
+        rounds = 5
     results_dir = Path(args.results_dir)
     backends_list = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else \
         list(backends.REGISTRY)
@@ -74,7 +82,7 @@ def cmd_compare(args) -> int:
         steps=args.steps, dtype=args.dtype, devices=_devices(args.device), mode=args.mode, seed=args.seed,
         init=args.init, dataset=args.dataset, data_dir=args.data_dir, check_every=args.check_every,
         timing=not args.no_timing, timeout=args.timeout, threads=args.threads, fast=args.fast,
-        repeat=not args.no_repeat)
+        repeat=not args.no_repeat, timing_rounds=rounds)
     runner.validate(cfg)
     check_writable(results_dir)  # before any work starts
     result = runner.compare(cfg, progress=_progress)
@@ -208,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda or all")
     p.add_argument("--no-timing", action="store_true", help="agreement only, skip the timed rounds")
     p.add_argument("--no-repeat", action="store_true", help="skip the determinism replay of each trajectory")
+    p.add_argument("--quick", action="store_true", help="preset: 10 steps, 3 timed rounds, no replay")
+    p.add_argument("--full", action="store_true", help="preset: 200 steps, 10 timed rounds")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per backend subprocess (default 900)")
     p.add_argument("--results-dir", default=str(_default_results()), help="where raw results and tables go")
     p.set_defaults(func=cmd_compare)
