@@ -103,12 +103,12 @@ def run_one(mod, spec, weights, data, run: dict, options) -> tuple[dict, dict]:
                 break
         if mark in weight_steps:
             for j, w in enumerate(model.get_weights()):
-                arrays[f"weights/{mark}/{j}"] = np.asarray(w, np.float64)
+                arrays[f"weights/{mark}/{j}"] = np.array(w, np.float64)  # copy: a backend may hand out views
         if mark in grad_steps and mark < steps:
             loss, grads = model.gradients(*_batch(data, order, mark, dtype, il))
             arrays[f"grad_loss/{mark}"] = np.float64(loss)
             for j, g in enumerate(grads):
-                arrays[f"grads/{mark}/{j}"] = np.asarray(g, np.float64)
+                arrays[f"grads/{mark}/{j}"] = np.array(g, np.float64)
     arrays["losses"] = losses[:done]
     meta["steps_done"] = done
     if run.get("repeat") and done == steps:
