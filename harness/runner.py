@@ -172,6 +172,9 @@ def subprocess_env(backend: str, dtype: str, threads: int | None) -> dict[str, s
     if threads:
         for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             env[k] = str(threads)
+        if threads == 1:  # XLA (JAX) reads its thread pool size only from flags at start-up
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                                " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
     return env
 
 
