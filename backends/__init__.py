@@ -22,6 +22,7 @@ class BackendInfo:
     description: str
     env: dict[str, str] = field(default_factory=dict)  # set in the backend's subprocess before anything is imported
     distributions: tuple[str, ...] = ()  # package names whose version is shown (first one installed wins)
+    hint: str | None = None  # install command when there is no extra for it
 
 
 REGISTRY: dict[str, BackendInfo] = {
@@ -50,7 +51,8 @@ REGISTRY: dict[str, BackendInfo] = {
         BackendInfo("cupy", "backends.numpy_scratch", ("cupy",), None,
                     "the hand-written NumPy backend run on the GPU through CuPy",
                     env={"DLCOMPARE_ARRAY_MODULE": "cupy"},
-                    distributions=("cupy", "cupy-cuda12x", "cupy-cuda13x", "cupy-cuda11x")),
+                    distributions=("cupy", "cupy-cuda12x", "cupy-cuda13x", "cupy-cuda11x"),
+                    hint="pip install cupy-cuda12x (needs an NVIDIA GPU)"),
     )
 }
 
@@ -93,6 +95,8 @@ def missing_requirements(name: str) -> list[str]:
 
 def install_hint(name: str) -> str:
     info = get_info(name)
+    if info.hint:
+        return info.hint
     if info.extra:
         return f"pip install '.[{info.extra}]'"
     return f"pip install {' '.join(info.requires)}"
