@@ -91,6 +91,12 @@ def pair_matrix(pairs: list[dict], tablefmt: str = "simple") -> str:
     return "\n\n".join(blocks)
 
 
+def _first_step(r: dict) -> str:
+    """Wall time of the very first training step (tracing / compilation included), from the trajectory."""
+    seg = (r.get("meta") or {}).get("segments") or []
+    return f"{seg[0][1]:.3g}" if seg and seg[0][0] == 1 else "-"
+
+
 def speed_rows(rows: list[dict]) -> list[list]:
     timed = [(r, (r.get("meta") or {}).get("timing")) for r in rows]
     timed = [(r, t) for r, t in timed if t]
@@ -101,13 +107,14 @@ def speed_rows(rows: list[dict]) -> list[list]:
     out = []
     for r, t in timed:
         out.append([r["backend"], r["dtype"], r["device"], r["batch_size"], _fmt_ms(t), f"{t['samples_per_s']:.4g}",
-                    f"{t['epoch_s']:.3g}" if "epoch_s" in t else "-", f"{t['warmup_s']:.3g}",
+                    f"{t['epoch_s']:.3g}" if "epoch_s" in t else "-", _first_step(r), f"{t['warmup_s']:.3g}",
                     f"{t['peak_rss_mb']:.0f}" + (f" / {t['gpu_peak_mb']:.0f}" if t.get("gpu_peak_mb") else ""),
                     f"{t['median_s'] / fastest[(r['device'], r['batch_size'])]:.2f}"])
     return out
 
 
-SPEED_HEADERS = ["backend", "dtype", "device", "batch", "ms/step (median ± IQR)", "samples/s", "epoch s", "warm-up s",
+SPEED_HEADERS = ["backend", "dtype", "device", "batch", "ms/step (median ± IQR)", "samples/s", "epoch s", "first step s",
+                 "warm-up s",
                  "peak RSS / GPU MB", "x fastest"]
 
 
