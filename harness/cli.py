@@ -88,6 +88,8 @@ def cmd_compare(args) -> int:
     result = runner.compare(cfg, progress=_progress)
     json_path, _ = write_run(result, results_dir)
     record = to_record(result, json_path.stem)
+    for r in record["rows"]:
+        r["steps"] = cfg.steps
     print(console_table(record))
     print(f"\ndata: {record['data_source']}\nraw results: {json_path} (+ .npz)")
     if result["interrupted"]:

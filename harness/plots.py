@@ -5,6 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def _grid(plt, n: int):
+    cols = min(n, 2)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.2 * rows), squeeze=False)
+    flat = list(axes.ravel())
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat
+
+
 def _plt():
     import matplotlib
 
@@ -20,14 +30,21 @@ def loss_curves(model: str, rows: list[dict], oracle: dict, out: Path) -> Path |
     if not groups:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
-    for ax, (dtype, b) in zip(axes[0], groups):
-        for r in sorted((r for r in rows if (r["dtype"], r["batch_size"]) == (dtype, b) and r.get("losses")
-                         and r["mode"] == "aligned"), key=lambda r: r["backend"]):
+    fig, axes = _grid(plt, len(groups))
+    for ax, (dtype, b) in zip(axes, groups):
+        longest: dict[str, dict] = {}  # per backend, its longest run
+        for r in rows:
+            if (r["dtype"], r["batch_size"]) == (dtype, b) and r.get("losses") and r["mode"] == "aligned":
+                if len(r["losses"]) > len(longest.get(r["backend"], {}).get("losses", [])):
+                    longest[r["backend"]] = r
+        steps = max(len(r["losses"]) for r in longest.values())
+        for r in sorted(longest.values(), key=lambda r: r["backend"]):
             ax.plot(range(len(r["losses"])), r["losses"], label=f"{r['backend']} ({r['device']})", alpha=0.8, lw=1.5)
-        ref = oracle.get((dtype, b))
+        ref = oracle.get((dtype, b, steps)) or oracle.get((dtype, b))
         if ref:
             ax.plot(range(len(ref)), ref, "k--", lw=1, label="oracle (numpy float64)")
+        if steps > 200:
+            ax.set_xscale("log")
         ax.set_title(f"{model}, {dtype}, batch {b}")
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
@@ -46,8 +63,8 @@ def step_times(model: str, rows: list[dict], out: Path) -> Path | None:
     if not groups:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
-    for ax, (dev, b) in zip(axes[0], groups):
+    fig, axes = _grid(plt, len(groups))
+    for ax, (dev, b) in zip(axes, groups):
         sel = sorted((r for r in timed if (r["device"], r["batch_size"]) == (dev, b)),
                      key=lambda r: r["meta"]["timing"]["median_s"])
         labels = [f"{r['backend']}\n{r['dtype']}" for r in sel]

@@ -51,13 +51,13 @@ def agreement_rows(rows: list[dict]) -> list[list]:
     for r in rows:
         worst = (r.get("agreement") or {}).get("worst", {})
         inv = max([v for k, v in worst.items() if k.startswith("invariance")], default=None)
-        out.append([r["backend"], r["dtype"], r["mode"], r["device"], r["batch_size"], status_text(r),
+        out.append([r["backend"], r["dtype"], r["mode"], r["device"], r["batch_size"], r.get("steps", "-"), status_text(r),
                     _fmt_err(worst.get("loss")), _fmt_err(worst.get("grads")), _fmt_err(worst.get("weights")),
                     _fmt_err(worst.get("pred")), _fmt_err(inv), _repeat(r)])
     return out
 
 
-AGREEMENT_HEADERS = ["backend", "dtype", "mode", "device", "batch", "status", "loss err", "grad err", "weight err",
+AGREEMENT_HEADERS = ["backend", "dtype", "mode", "device", "batch", "steps", "status", "loss err", "grad err", "weight err",
                      "pred err", "batch-invariance err", "repeat"]
 
 
@@ -140,9 +140,13 @@ def merged_rows(records: list[dict], model: str) -> tuple[list[dict], list[dict]
         if rec.get("model") != model or rec.get("kind") != "compare":
             continue
         for row in rec["rows"]:
-            latest[row["key"]] = {**row, "run_id": rec["run_id"], "env_name": rec.get("env")}
+            steps = rec["config"]["steps"]  # a 20-step and a 2000-step run are different evidence: both kept
+            latest[f"{row['key']}|{steps}"] = {**row, "run_id": rec["run_id"], "env_name": rec.get("env"),
+                                                "steps": steps}
             used[rec["run_id"]] = rec
-    rows = sorted(latest.values(), key=lambda r: (r["dtype"], r["mode"], r["batch_size"], r["device"], r["backend"]))
+    used = {rec_id: rec for rec_id, rec in used.items() if any(r["run_id"] == rec_id for r in latest.values())}
+    rows = sorted(latest.values(), key=lambda r: (r["dtype"], r["mode"], r["steps"], r["batch_size"], r["device"],
+                                                   r["backend"]))
     return rows, [used[k] for k in sorted(used)]
 
 
@@ -212,7 +216,7 @@ def build_reports(results_dir: Path = DEFAULT_RESULTS_DIR, models: list[str] | N
             for rec in used:
                 for b, o in rec.get("oracle", {}).items():
                     if o.get("losses"):
-                        oracle[(rec["dtype"], int(b))] = o["losses"]
+                        oracle[(rec["dtype"], int(b), len(o["losses"]))] = o["losses"]
             loss_png = Path(results_dir) / f"{model}-loss.png"
             time_png = Path(results_dir) / f"{model}-steptime.png"
             made = [(plotting.loss_curves(model, rows, oracle, loss_png), "loss"),
