@@ -292,10 +292,20 @@ class Model(ModelBase):
 
     # -- data -------------------------------------------------------------------------------------------------------
     def _x(self, x):
+        if keras.ops.is_tensor(x):  # staged by to_device
+            return x
         return np.ascontiguousarray(x, dtype=self.np_dtype)
 
     def _y(self, y):
+        if keras.ops.is_tensor(y):
+            return y
         return np.ascontiguousarray(y, dtype=np.int64 if self.spec.loss.integer_labels else self.np_dtype)
+
+    def to_device(self, xs, ys):
+        """The batches as backend tensors on the model's device, made before any clock is read."""
+        with keras.device(self.device):
+            return ([keras.ops.convert_to_tensor(self._x(x)) for x in xs],
+                    [keras.ops.convert_to_tensor(self._y(y)) for y in ys])
 
     # -- training ---------------------------------------------------------------------------------------------------
     def train_step(self, x, y):

@@ -116,12 +116,14 @@ def _conv_forward(xp, x, w):
     return (patches @ w.reshape(kh * kw * c, f)).reshape(n, ho, wo, f), patches
 
 
-def _conv_backward(xp, x_shape, w, patches, dout):
+def _conv_backward(xp, x_shape, w, patches, dout, need_dx=True):
     n, h, wd, c = x_shape
     kh, kw, _, f = w.shape
     ho, wo = h - kh + 1, wd - kw + 1
     d2 = dout.reshape(n * ho * wo, f)
     dw = (patches.T @ d2).reshape(w.shape)
+    if not need_dx:
+        return None, dw, d2.sum(axis=0)
     dpatches = (d2 @ w.reshape(kh * kw * c, f).T).reshape(n, ho, wo, kh * kw, c)
     dx = xp.zeros(x_shape, dtype=dout.dtype)
     for t in range(kh * kw):  # one scatter-add per kernel tap
@@ -190,12 +192,16 @@ def backward(xp, spec: ModelSpec, params, caches, dout):
             x, z, a = cache
             dz = _act_grad(xp, z, a, layer.activation, dout)
             grads[k], grads[k + 1] = x.T @ dz, dz.sum(axis=0)
+            if k == 0:
+                break  # the first parametrised layer: nothing needs the gradient of the data
             dout = dz @ params[k].T
         elif isinstance(layer, Conv2D):
             k -= 2
             x_shape, patches, z, a = cache
             dz = _act_grad(xp, z, a, layer.activation, dout)
-            dout, grads[k], grads[k + 1] = _conv_backward(xp, x_shape, params[k], patches, dz)
+            dout, grads[k], grads[k + 1] = _conv_backward(xp, x_shape, params[k], patches, dz, need_dx=k > 0)
+            if k == 0:
+                break
         elif isinstance(layer, MaxPool2D):
             x_shape, idx = cache
             dout = _pool_backward(xp, x_shape, layer.pool_size, idx, dout)

