@@ -344,8 +344,8 @@ class Model(ModelBase):
             return
         opt = self.spec.optimizer
         for p, m, v, g in zip(self.params, self.m, self.v, grads):
-            m.add_((g - m).mul_(self._b1c))  # m += (g - m) * (1 - b1)
-            v.add_((g * g - v).mul_(self._b2c))  # v += (g*g - v) * (1 - b2)
+            m.lerp_(g, self._b1c)  # m += (g - m) * (1 - b1): lerp computes exactly this for weights < 0.5
+            v.lerp_(g * g, self._b2c)  # v += (g*g - v) * (1 - b2)
             if opt.convention == "eps_hat":
                 p.sub_((m * self._alpha).div_(v.sqrt().add_(opt.epsilon)))
             else:  # eps_v_hat (no built-in spec uses it): p -= lr*m_hat / (sqrt(v_hat) + eps)

@@ -8,7 +8,8 @@ their rounds alternated, so that both sides see the same machine load at the sam
 Both sides get the same batches and initial weights (``--data``, written by ``overhead.py`` from the harness's job),
 both train one untimed round first (the harness times a model that has already run its correctness steps), then one
 warm-up round each, then ``--rounds`` timed rounds each, alternating which side goes first.  A harness round is what
-``harness/timing.py`` times: ``model.sync(); model.train_steps(xs, ys); model.sync()`` with NumPy batches; a plain
+``harness/timing.py`` times: ``model.sync(); model.train_steps(xs, ys); model.sync()`` with the batches staged by the
+model's ``to_device`` before any clock is read (NumPy batches where a backend has no ``to_device``); a plain
 round is the loop's own (``benchmarks/plain/<framework>_loop.py``, its batches already framework tensors).
 Prints one JSON line: the per-step time of every round of each side.
 """
@@ -66,8 +67,10 @@ def main() -> int:
         return 0
     plain_round, plain_sync, _ = loop.setup(plain_args, xs, ys, weights)
 
+    hx, hy = model.to_device(xs, ys) if hasattr(model, "to_device") else (xs, ys)  # as harness/timing.py does
+
     def harness_round():
-        return model.train_steps(xs, ys)
+        return model.train_steps(hx, hy)
 
     sides = {"harness": (harness_round, model.sync), "plain": (plain_round, plain_sync)}
     first = {name: np.asarray(f(), np.float64).tolist() for name, (f, _) in sides.items()}  # the untimed round
