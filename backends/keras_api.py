@@ -58,6 +58,20 @@ CAPABILITIES = Capabilities(
 )
 
 
+
+def one_minus_beta_diffs(used: dict, spec_opt, dtype: str) -> list[str]:
+    """Keras 3's Adam computes ``1 - beta`` from its Python double, then casts: in float32 that differs from the
+    spec's ``1 - f32(beta)`` (1 - 0.999: 1.3e-5 relative; numerics.md section 2)."""
+    out = []
+    if dtype != "float32":
+        return out
+    for name, value in used.items():
+        spec_v = getattr(spec_opt, name.replace("_", ""))
+        a, b = np.float32(1.0 - float(value)), np.float32(1.0) - np.float32(spec_v)
+        if a != b:
+            out.append(f"1 - Adam {name} from the Python double {float(value)!r}: {a:.9g} (spec, in float32: {b:.9g})")
+    return out
+
 def probe() -> str:
     return f"{keras.__version__} ({BACKEND} {_framework_version()})"
 
@@ -279,6 +293,7 @@ class Model(ModelBase):
                                   _value_diff("Adam beta_1", float(o.beta_1), opt.beta1, dt, " (a Python double)"),
                                   _value_diff("Adam beta_2", float(o.beta_2), opt.beta2, dt, " (a Python double)"))
                       if d]
+            diffs += one_minus_beta_diffs({"beta_1": o.beta_1, "beta_2": o.beta_2}, opt, dt)
             if opt.convention != "eps_hat":
                 diffs.append(f"Adam epsilon convention eps_hat (spec {opt.convention})")
             self.info["optimizer"] = f"keras.optimizers.Adam(learning_rate={_fmt(opt.lr)}), defaults otherwise"

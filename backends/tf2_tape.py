@@ -39,6 +39,20 @@ CAPABILITIES = Capabilities(
 )
 
 
+
+def one_minus_beta_diffs(used: dict, spec_opt, dtype: str) -> list[str]:
+    """Keras 3's Adam computes ``1 - beta`` from its Python double, then casts: in float32 that differs from the
+    spec's ``1 - f32(beta)`` (1 - 0.999: 1.3e-5 relative; numerics.md section 2)."""
+    out = []
+    if dtype != "float32":
+        return out
+    for name, value in used.items():
+        spec_v = getattr(spec_opt, name.replace("_", ""))
+        a, b = np.float32(1.0 - float(value)), np.float32(1.0) - np.float32(spec_v)
+        if a != b:
+            out.append(f"1 - Adam {name} from the Python double {float(value)!r}: {a:.9g} (spec, in float32: {b:.9g})")
+    return out
+
 def probe() -> str:
     return tf.__version__
 
@@ -241,6 +255,7 @@ class Model(ModelBase):
             diffs += [value_diff("Adam epsilon", float(k.epsilon), opt.epsilon, dt),
                       value_diff("Adam beta_1", float(k.beta_1), opt.beta1, dt, " (a Python double)"),
                       value_diff("Adam beta_2", float(k.beta_2), opt.beta2, dt, " (a Python double)")]
+            diffs += one_minus_beta_diffs({"beta_1": k.beta_1, "beta_2": k.beta_2}, opt, dt)
             if opt.convention != "eps_hat":
                 diffs.append(f"Adam epsilon convention eps_hat (spec {opt.convention})")
         self.info["native_differences"] = [d for d in diffs if d]
