@@ -150,6 +150,13 @@ def merged_rows(records: list[dict], model: str) -> tuple[list[dict], list[dict]
     return rows, [used[k] for k in sorted(used)]
 
 
+def _flags(rec: dict) -> str:
+    """The settings that change float bits (numerics.md section 7): threads and TF's oneDNN / determinism flags."""
+    flags = {k: v for k, v in (rec.get("flags") or {}).items() if v is not None}
+    threads = rec["config"].get("threads")
+    return ", ".join([f"threads {threads or 'framework default'}"] + [f"{k}={v}" for k, v in sorted(flags.items())])
+
+
 def model_markdown(model: str, records: list[dict]) -> str | None:
     rows, used = merged_rows(records, model)
     if not rows:
@@ -160,9 +167,9 @@ def model_markdown(model: str, records: list[dict]) -> str | None:
     lines += ["## Runs merged here", ""]
     lines.append(tabulate([[r["run_id"], r.get("env") or "-", r.get("commit") or "-", r["machine"]["cpu"],
                             r["machine"]["cores"], r["dtype"], r["config"]["mode"], r["config"]["steps"],
-                            r["data_source"], ", ".join(f"{k} {v}" for k, v in r["versions"].items() if v)]
+                            r["data_source"], _flags(r), ", ".join(f"{k} {v}" for k, v in r["versions"].items() if v)]
                            for r in used],
-                          headers=["run", "env", "commit", "cpu", "cores", "dtype", "mode", "steps", "data",
+                          headers=["run", "env", "commit", "cpu", "cores", "dtype", "mode", "steps", "data", "flags",
                                    "versions"], tablefmt="github"))
     present = {r["backend"] for r in rows}
     absent = [b for b in backends.REGISTRY if b not in present]

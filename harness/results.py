@@ -164,8 +164,8 @@ def _row_arrays(arrays: dict, key: str, row: dict, spec) -> None:
     if weights:
         last = max(int(k.split("/")[1]) for k in weights)
         for j, name in enumerate(spec.param_names()):
-            if f"weights/{last}/{j}" in a:
-                arrays[f"{key}/final/{name}"] = a[f"weights/{last}/{j}"]
+            if f"weights/{last}/{j}" in a:  # in the row's own dtype: a float32 run's weights are float32 values
+                arrays[f"{key}/final/{name}"] = a[f"weights/{last}/{j}"].astype(row.get("dtype", "float64"))
     if "pred_final" in a:
         arrays[f"{key}/pred_final"] = a["pred_final"]
 
