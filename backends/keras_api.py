@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 
 from models.spec import Adam, Conv2D, Dense, Flatten, MaxPool2D, ModelSpec  # noqa: E402
 
-from .base import BuildOptions, Capabilities, ModelBase, Unsupported  # noqa: E402
+from .base import BuildOptions, Capabilities, ModelBase, Unsupported, one_minus_beta_diffs  # noqa: E402
 
 BACKEND = keras.backend.backend()
 
@@ -59,18 +59,6 @@ CAPABILITIES = Capabilities(
 
 
 
-def one_minus_beta_diffs(used: dict, spec_opt, dtype: str) -> list[str]:
-    """Keras 3's Adam computes ``1 - beta`` from its Python double, then casts: in float32 that differs from the
-    spec's ``1 - f32(beta)`` (1 - 0.999: 1.3e-5 relative; numerics.md section 2)."""
-    out = []
-    if dtype != "float32":
-        return out
-    for name, value in used.items():
-        spec_v = getattr(spec_opt, name.replace("_", ""))
-        a, b = np.float32(1.0 - float(value)), np.float32(1.0) - np.float32(spec_v)
-        if a != b:
-            out.append(f"1 - Adam {name} from the Python double {float(value)!r}: {a:.9g} (spec, in float32: {b:.9g})")
-    return out
 
 def probe() -> str:
     return f"{keras.__version__} ({BACKEND} {_framework_version()})"

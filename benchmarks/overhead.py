@@ -52,7 +52,6 @@ import argparse
 import importlib.metadata
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -68,6 +67,7 @@ sys.path.insert(0, str(ROOT))
 
 import backends  # noqa: E402
 from harness import runner  # noqa: E402
+from harness.results import machine as harness_machine  # noqa: E402
 from models import get_model  # noqa: E402
 
 PLAIN = {"numpy": "numpy_loop.py", "tf1": "tf1_loop.py", "tf2": "tf2_loop.py", "keras": "keras_loop.py",
@@ -241,15 +241,8 @@ def versions() -> dict:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    m = harness_machine()  # the same machine description the harness records
+    return f"{m['cpu']}, {m['cores']} cores, {m['platform']}, Python {m['python']}"
 
 
 def commit() -> str:
