@@ -295,6 +295,9 @@ class Model(ModelBase):
                                                    "what the spec says"]
         info["fast"] = ("CUDA graph replay of the whole step, one graph per batch shape" if self.fast_graph
                         else "no-op on CPU" if options.fast else False)
+        # the settings that decide bit-reproducibility (numerics.md section 7), recorded with every row
+        info["deterministic_algorithms"] = torch.are_deterministic_algorithms_enabled()
+        info["num_threads"] = torch.get_num_threads()
         self._graphs: dict = {}
         self.info = info
 

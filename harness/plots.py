@@ -35,11 +35,12 @@ def loss_curves(model: str, rows: list[dict], oracle: dict, out: Path) -> Path |
         longest: dict[str, dict] = {}  # per backend, its longest run
         for r in rows:
             if (r["dtype"], r["batch_size"]) == (dtype, b) and r.get("losses") and r["mode"] == "aligned":
-                if len(r["losses"]) > len(longest.get(r["backend"], {}).get("losses", [])):
-                    longest[r["backend"]] = r
+                name = r["backend"] + (" (fast)" if r.get("fast") else "")
+                if len(r["losses"]) > len(longest.get(name, {}).get("losses", [])):
+                    longest[name] = r
         steps = max(len(r["losses"]) for r in longest.values())
-        for r in sorted(longest.values(), key=lambda r: r["backend"]):
-            ax.plot(range(len(r["losses"])), r["losses"], label=f"{r['backend']} ({r['device']})", alpha=0.8, lw=1.5)
+        for name, r in sorted(longest.items()):
+            ax.plot(range(len(r["losses"])), r["losses"], label=f"{name} ({r['device']})", alpha=0.8, lw=1.5)
         ref = oracle.get((dtype, b, steps)) or oracle.get((dtype, b))
         if ref:
             ax.plot(range(len(ref)), ref, "k--", lw=1, label="oracle (numpy float64)")
@@ -67,7 +68,7 @@ def step_times(model: str, rows: list[dict], out: Path) -> Path | None:
     for ax, (dev, b) in zip(axes, groups):
         sel = sorted((r for r in timed if (r["device"], r["batch_size"]) == (dev, b)),
                      key=lambda r: r["meta"]["timing"]["median_s"])
-        labels = [f"{r['backend']}\n{r['dtype']}" for r in sel]
+        labels = [f"{r['backend']}{' (fast)' if r.get('fast') else ''}\n{r['dtype']}" for r in sel]
         med = [r["meta"]["timing"]["median_s"] * 1e3 for r in sel]
         iqr = [r["meta"]["timing"]["iqr_s"] * 1e3 / 2 for r in sel]
         ax.bar(range(len(sel)), med, yerr=iqr, color="tab:blue", alpha=0.8, capsize=3)

@@ -39,6 +39,11 @@ def status_text(row: dict) -> str:
     return f"{st}: {reason}"
 
 
+def label(r: dict) -> str:
+    """The backend's name, with '(fast)' for its fast mode (jit_compile, CUDA graphs, lax.scan)."""
+    return f"{r['backend']} (fast)" if r.get("fast") else r["backend"]
+
+
 def _repeat(r: dict) -> str:
     d = (r.get("meta") or {}).get("determinism")
     if not d:
@@ -51,7 +56,7 @@ def agreement_rows(rows: list[dict]) -> list[list]:
     for r in rows:
         worst = (r.get("agreement") or {}).get("worst", {})
         inv = max([v for k, v in worst.items() if k.startswith("invariance")], default=None)
-        out.append([r["backend"], r["dtype"], r["mode"], r["device"], r["batch_size"], r.get("steps", "-"), status_text(r),
+        out.append([label(r), r["dtype"], r["mode"], r["device"], r["batch_size"], r.get("steps", "-"), status_text(r),
                     _fmt_err(worst.get("loss")), _fmt_err(worst.get("grads")), _fmt_err(worst.get("weights")),
                     _fmt_err(worst.get("pred")), _fmt_err(inv), _repeat(r)])
     return out
@@ -106,7 +111,7 @@ def speed_rows(rows: list[dict]) -> list[list]:
         fastest[k] = min(fastest.get(k, float("inf")), t["median_s"])
     out = []
     for r, t in timed:
-        out.append([r["backend"], r["dtype"], r["device"], r["batch_size"], _fmt_ms(t), f"{t['samples_per_s']:.4g}",
+        out.append([label(r), r["dtype"], r["device"], r["batch_size"], _fmt_ms(t), f"{t['samples_per_s']:.4g}",
                     f"{t['epoch_s']:.3g}" if "epoch_s" in t else "-", _first_step(r), f"{t['warmup_s']:.3g}",
                     f"{t['peak_rss_mb']:.0f}" + (f" / {t['gpu_peak_mb']:.0f}" if t.get("gpu_peak_mb") else ""),
                     f"{t['median_s'] / fastest[(r['device'], r['batch_size'])]:.2f}"])

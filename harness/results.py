@@ -74,7 +74,8 @@ def spec_to_dict(spec) -> dict:
 
 
 def row_key(row: dict) -> str:
-    return f"{row['backend']}|{row['dtype']}|{row['mode']}|{row['device']}|b{row['batch_size']}"
+    fast = "|fast" if row.get("fast") else ""  # a fast-mode row is its own row, never merged with the plain one
+    return f"{row['backend']}{fast}|{row['dtype']}|{row['mode']}|{row['device']}|b{row['batch_size']}"
 
 
 def new_run_id(model: str) -> str:

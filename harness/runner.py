@@ -185,7 +185,7 @@ def _tail(text: str, lines: int = 15) -> str:
 def run_backend(backend: str, job: Job, runs: list[dict], options: dict, timeout: float,
                 work_dir: Path) -> list[dict]:
     """Run ``backend`` on ``runs`` in one subprocess; one row per run (status ok/skipped/failed/diverged/...)."""
-    base = {"backend": backend, "dtype": options["dtype"], "mode": options["mode"]}
+    base = {"backend": backend, "dtype": options["dtype"], "mode": options["mode"], "fast": bool(options.get("fast"))}
     missing = backends.missing_requirements(backend)
     if missing:
         reason = f"not installed ({', '.join(missing)}): {backends.install_hint(backend)}"

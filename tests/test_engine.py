@@ -30,3 +30,10 @@ def test_pairwise_matrix_covers_every_pair_at_each_batch_size(monkeypatch):
 def test_native_mode_rows_are_an_audit_not_a_failure():
     res = compare(CompareConfig(model="mlp_431", backends=["numpy"], timing=False, steps=3, mode="native"))
     assert {r["status"] for r in res["rows"]} == {"matches spec"}
+
+
+def test_fast_mode_rows_are_labelled_and_kept_apart():
+    res = compare(CompareConfig(model="mlp_431", backends=["numpy"], timing=False, steps=2, repeat=False, fast=True))
+    rec = to_record(res, "x")
+    assert all(r["key"].startswith("numpy|fast|") for r in rec["rows"])
+    assert "numpy (fast)" in console_table(rec)
