@@ -127,3 +127,23 @@ def one_minus_beta_diffs(used: dict, spec_opt, dtype: str) -> list[str]:
         if a != b:
             out.append(f"1 - Adam {name} from the Python double {float(value)!r}: {a:.9g} (spec, in float32: {b:.9g})")
     return out
+
+
+def fmt(x: float) -> str:
+    return f"{x:.7g}"
+
+
+def value_diff(what: str, used: float, spec_value: float, dtype: str, note: str = "",
+               nominal: float | None = None) -> str | None:
+    """``"what USED (spec X)note"`` when the value a run computes with differs from the spec's, else None.
+
+    ``used`` is the value in the precision the framework applies it; in a float32 run both round to float32 first.
+    """
+    if dtype == "float32":
+        used, spec_value = float(np.float32(used)), float(np.float32(spec_value))
+    if used == spec_value:
+        return None
+    a, b = fmt(used if nominal is None else nominal), fmt(spec_value)
+    if a == b:
+        a, b = repr(used), repr(spec_value)
+    return f"{what} {a} (spec {b}){note}"

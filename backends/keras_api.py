@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 
 from models.spec import Adam, Conv2D, Dense, Flatten, MaxPool2D, ModelSpec  # noqa: E402
 
-from .base import BuildOptions, Capabilities, ModelBase, Unsupported, one_minus_beta_diffs  # noqa: E402
+from .base import BuildOptions, Capabilities, ModelBase, Unsupported, fmt, one_minus_beta_diffs, value_diff  # noqa: E402
 
 BACKEND = keras.backend.backend()
 
@@ -142,24 +142,6 @@ def _set_threads(threads: int | None, info: dict) -> None:
         info["threads"] = f"torch.set_num_threads({threads})"
     else:  # XLA's CPU thread pool is fixed when JAX starts; the harness sets OMP_NUM_THREADS before that
         info["threads"] = f"jax: not settable after import (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})"
-
-
-def _fmt(x: float) -> str:
-    return f"{x:.7g}"
-
-
-def _value_diff(what: str, used: float, spec_value: float, dtype: str, note: str = "",
-                nominal: float | None = None) -> str | None:
-    """``"what USED (spec X)note"`` when the value a run computes with differs from the spec's (float32 runs: after
-    both round to float32), else None.  (The same as ``backends.tf2_tape.value_diff``, which imports TensorFlow.)"""
-    if dtype == "float32":
-        used, spec_value = float(np.float32(used)), float(np.float32(spec_value))
-    if used == spec_value:
-        return None
-    a, b = _fmt(used if nominal is None else nominal), _fmt(spec_value)
-    if a == b:
-        a, b = repr(used), repr(spec_value)
-    return f"{what} {a} (spec {b}){note}"
 
 
 class Model(ModelBase):
@@ -272,24 +254,24 @@ class Model(ModelBase):
 
     def _optimizer(self, opt, diffs: list[str]):
         if not isinstance(opt, Adam):
-            self.info["optimizer"] = f"keras.optimizers.SGD(learning_rate={_fmt(opt.lr)})"
+            self.info["optimizer"] = f"keras.optimizers.SGD(learning_rate={fmt(opt.lr)})"
             return keras.optimizers.SGD(learning_rate=opt.lr)
         if self.native:
             o = keras.optimizers.Adam(learning_rate=opt.lr)
             dt = self.options.dtype
-            diffs += [d for d in (_value_diff("Adam epsilon", float(o.epsilon), opt.epsilon, dt),
-                                  _value_diff("Adam beta_1", float(o.beta_1), opt.beta1, dt, " (a Python double)"),
-                                  _value_diff("Adam beta_2", float(o.beta_2), opt.beta2, dt, " (a Python double)"))
+            diffs += [d for d in (value_diff("Adam epsilon", float(o.epsilon), opt.epsilon, dt),
+                                  value_diff("Adam beta_1", float(o.beta_1), opt.beta1, dt, " (a Python double)"),
+                                  value_diff("Adam beta_2", float(o.beta_2), opt.beta2, dt, " (a Python double)"))
                       if d]
             diffs += one_minus_beta_diffs({"beta_1": o.beta_1, "beta_2": o.beta_2}, opt, dt)
             if opt.convention != "eps_hat":
                 diffs.append(f"Adam epsilon convention eps_hat (spec {opt.convention})")
-            self.info["optimizer"] = f"keras.optimizers.Adam(learning_rate={_fmt(opt.lr)}), defaults otherwise"
+            self.info["optimizer"] = f"keras.optimizers.Adam(learning_rate={fmt(opt.lr)}), defaults otherwise"
             return o
         if opt.convention != "eps_hat":
             raise Unsupported(f"Keras' Adam has the eps_hat convention only; its epsilon cannot follow the spec's "
                               f"{opt.convention} (it would have to change every step)")
-        self.info["optimizer"] = (f"keras.optimizers.Adam(learning_rate={_fmt(opt.lr)}, beta_1={opt.beta1!r}, "
+        self.info["optimizer"] = (f"keras.optimizers.Adam(learning_rate={fmt(opt.lr)}, beta_1={opt.beta1!r}, "
                                   f"beta_2={opt.beta2!r}, epsilon={opt.epsilon!r})")
         return keras.optimizers.Adam(learning_rate=opt.lr, beta_1=opt.beta1, beta_2=opt.beta2, epsilon=opt.epsilon)
 

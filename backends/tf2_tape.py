@@ -31,7 +31,7 @@ import tensorflow as tf  # noqa: E402
 
 from models.spec import SGD, Adam, Conv2D, Dense, Flatten, MaxPool2D, ModelSpec  # noqa: E402
 
-from .base import BuildOptions, Capabilities, ModelBase, Unsupported, one_minus_beta_diffs  # noqa: E402
+from .base import BuildOptions, Capabilities, ModelBase, Unsupported, fmt, one_minus_beta_diffs, value_diff  # noqa: E402
 
 CAPABILITIES = Capabilities(
     devices=("cpu", "cuda"),
@@ -159,26 +159,6 @@ def label_spec(spec: ModelSpec, dtype):
     if spec.loss.integer_labels:
         return tf.TensorSpec([None], tf.int64, name="y")
     return tf.TensorSpec([None, *spec.output_shape], dtype, name="y")
-
-
-def fmt(x: float) -> str:
-    return f"{x:.7g}"
-
-
-def value_diff(what: str, used: float, spec_value: float, dtype: str, note: str = "",
-               nominal: float | None = None) -> str | None:
-    """``"what USED (spec X)note"`` when the value a run computes with differs from the spec's, else None.
-
-    ``used`` is the value in the precision the framework applies it; in a float32 run both round to float32 first.
-    """
-    if dtype == "float32":
-        used, spec_value = float(np.float32(used)), float(np.float32(spec_value))
-    if used == spec_value:
-        return None
-    a, b = fmt(used if nominal is None else nominal), fmt(spec_value)
-    if a == b:
-        a, b = repr(used), repr(spec_value)
-    return f"{what} {a} (spec {b}){note}"
 
 
 # ------------------------------------------------------------------------------------------------------- the model
