@@ -88,8 +88,6 @@ def cmd_compare(args) -> int:
     result = runner.compare(cfg, progress=_progress)
     json_path, _ = write_run(result, results_dir)
     record = to_record(result, json_path.stem)
-    for r in record["rows"]:
-        r["steps"] = cfg.steps
     print(console_table(record))
     print(f"\ndata: {record['data_source']}\nraw results: {json_path} (+ .npz)")
     if result["interrupted"]:
@@ -168,7 +166,10 @@ def cmd_selftest(args) -> int:
 
     clean = [b.strip() for b in args.clean_backends.split(",") if b.strip()] if args.clean_backends else []
     for b in clean:
-        backends.get_info(b)
+        try:
+            backends.get_info(b)
+        except ValueError as e:
+            raise UserError(str(e)) from None
     result = run_selftest(model=args.model, seeds=args.seeds, steps=args.steps, batch_size=args.batch_size,
                           dtype=args.dtype, clean_backends=clean, progress=_progress)
     print(format_selftest(result))
@@ -267,10 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (UserError, DataError, ValueError) as e:
-        _err(str(e))
-        return 2
-    except PermissionError as e:
+    except (UserError, DataError, PermissionError) as e:
         _err(str(e))
         return 2
     except KeyboardInterrupt:

@@ -6,7 +6,6 @@ each row key (backend, dtype, mode, device, batch size) the newest record wins, 
 
 from __future__ import annotations
 
-import datetime as _dt
 from pathlib import Path
 
 from tabulate import tabulate
@@ -244,6 +243,3 @@ def build_reports(results_dir: Path = DEFAULT_RESULTS_DIR, models: list[str] | N
         written.append(path)
     return written
 
-
-def now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

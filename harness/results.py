@@ -98,6 +98,7 @@ def to_record(result: dict, run_id: str) -> dict:
         if "arrays" in row and "losses" in row["arrays"]:
             r["losses"] = [float(v) for v in row["arrays"]["losses"]]
         r["key"] = row_key(row)
+        r["steps"] = cfg["steps"]
         rows.append(r)
     oracle = {str(b): {"status": r["status"], "reason": r.get("reason"),
                        "losses": [float(v) for v in r.get("arrays", {}).get("losses", [])]}

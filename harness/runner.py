@@ -263,9 +263,10 @@ def _collect(job_dir: Path, base: dict, runs: list[dict], crash: str | None) -> 
 # ------------------------------------------------------------------------------------------------------- comparison
 def judge(spec: ModelSpec, dtype: str, row: dict, oracle: dict | None) -> None:
     """Turn a finished run into pass / fail / diverged with its checks (in place)."""
-    if row["status"] == "diverged" or (row["status"] == "ok" and agreement.first_nonfinite(spec, row["arrays"])):
+    nonfinite = agreement.first_nonfinite(spec, row.get("arrays", {})) if row["status"] in ("ok", "diverged") else None
+    if row["status"] == "diverged" or nonfinite:
         row["status"] = "diverged"
-        row["reason"] = agreement.first_nonfinite(spec, row.get("arrays", {})) or row.get("reason")
+        row["reason"] = nonfinite or row.get("reason")
         return
     if row["status"] != "ok":
         return

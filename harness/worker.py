@@ -33,19 +33,17 @@ def _atomic_write_npz(path: Path, arrays: dict) -> None:
     os.replace(tmp, path)
 
 
-def _batch(data, order, k, dtype, integer_labels):
-    idx = order[k]
-    x = data["x"][idx].astype(dtype)
-    y = data["y"][idx]
-    y = y.astype(np.int64) if integer_labels else y.astype(dtype)
-    return x, y
-
-
 def _stack(data, order, a, b, dtype, integer_labels):
+    """Batches ``a..b-1`` of ``order`` stacked: x (b-a, B, ...) in ``dtype``, y as int64 labels or ``dtype`` targets."""
     idx = order[a:b]
     x = data["x"][idx].astype(dtype)
     y = data["y"][idx]
     return x, (y.astype(np.int64) if integer_labels else y.astype(dtype))
+
+
+def _batch(data, order, k, dtype, integer_labels):
+    xs, ys = _stack(data, order, k, k + 1, dtype, integer_labels)
+    return xs[0], ys[0]
 
 
 def run_one(mod, spec, weights, data, run: dict, options) -> tuple[dict, dict]:

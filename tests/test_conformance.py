@@ -22,6 +22,18 @@ def require(name):
         pytest.skip(f"{name}: not installed ({', '.join(missing)}): {backends.install_hint(name)}")
 
 
+def run_in_backend_process(script: str, name: str) -> dict:
+    """Run ``script`` (which prints one JSON line) in a fresh process with the backend's environment, as the harness
+    would; a missing framework skips, and so does a CuPy that is installed but has no usable GPU."""
+    require(name)
+    out = subprocess.run([sys.executable, "-c", script, name], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                         env=subprocess_env(name, "float32", None), timeout=300)
+    if out.returncode != 0 and name == "cupy":
+        pytest.skip(f"cupy installed but unusable here: {out.stderr.strip().splitlines()[-1:]}")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 CONTRACT = """
 import json, sys, inspect
 import backends
@@ -40,13 +52,7 @@ print(json.dumps({
 
 @pytest.mark.parametrize("name", NAMES)
 def test_backend_module_fulfils_the_contract(name):
-    require(name)
-    out = subprocess.run([sys.executable, "-c", CONTRACT, name], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                         env=subprocess_env(name, "float32", None), timeout=300)
-    if out.returncode != 0 and name == "cupy":
-        pytest.skip(f"cupy installed but unusable here: {out.stderr.strip().splitlines()[-1]}")
-    assert out.returncode == 0, out.stderr
-    info = json.loads(out.stdout.strip().splitlines()[-1])
+    info = run_in_backend_process(CONTRACT, name)
     assert info["capabilities"] and info["model_base"] and info["version"]
     assert info["methods"] == ["train_step", "train_steps", "gradients", "predict", "get_weights", "sync"]
     assert set(info["devices"]) <= {"cpu", "cuda"}
@@ -96,12 +102,6 @@ print(json.dumps({"staged": True, "same_losses": bool(np.array_equal(a, b)), "sa
 @pytest.mark.parametrize("name", NAMES)
 def test_batches_staged_on_the_device_give_identical_results(name):
     """The timing protocol feeds batches staged by to_device; they must do exactly the same work as NumPy batches."""
-    require(name)
-    out = subprocess.run([sys.executable, "-c", STAGED, name], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                         env=subprocess_env(name, "float32", None), timeout=300)
-    if out.returncode != 0 and name == "cupy":
-        pytest.skip("cupy installed but unusable here")
-    assert out.returncode == 0, out.stderr
-    info = json.loads(out.stdout.strip().splitlines()[-1])
+    info = run_in_backend_process(STAGED, name)
     if info["staged"]:
         assert info["same_losses"] and info["same_weights"]
