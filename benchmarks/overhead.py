@@ -68,6 +68,7 @@ sys.path.insert(0, str(ROOT))
 import backends  # noqa: E402
 from harness import runner  # noqa: E402
 from harness.results import machine as harness_machine  # noqa: E402
+from harness.status import Status  # noqa: E402
 from models import get_model  # noqa: E402
 
 PLAIN = {"numpy": "numpy_loop.py", "tf1": "tf1_loop.py", "tf2": "tf2_loop.py", "keras": "keras_loop.py",
@@ -197,10 +198,11 @@ def summarize_paired(d: dict) -> dict:
 
 
 def verdict(s: dict) -> str:
+    """ok / skipped / error (a Status), or "over" / "over (noise?)" when the harness is slower than LIMIT allows."""
     if "error" in s:
-        return "skipped" if s["error"].startswith("skipped") else "error"
+        return Status.SKIPPED if s["error"].startswith(Status.SKIPPED) else Status.ERROR
     if s["ratio"] <= LIMIT:
-        return "ok"
+        return Status.OK
     return "over (noise?)" if s["ratio_lo"] <= LIMIT else "over"
 
 
@@ -396,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
          "load_before": load_before, "load_after": load_after, "raw": raw, "summary": results}, indent=1, default=str))
     log(f"wrote {args.out} and {Path(args.out).with_suffix('.json')}")
     decisive = results.get("paired") or results.get("alternate") or {}
-    return 1 if any(verdict(s) not in ("ok", "skipped") for d in decisive.values() for s in d.values()) else 0
+    return 1 if any(verdict(s) not in (Status.OK, Status.SKIPPED) for d in decisive.values() for s in d.values()) else 0
 
 
 if __name__ == "__main__":

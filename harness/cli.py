@@ -1,6 +1,7 @@
 """``harness``: a thin command line over functions that the tests call too.
 
-Exit codes: 0 all rows pass or are skipped; 1 a row failed, diverged or disagrees; 2 bad input; 130 interrupted.
+Exit codes: 0 every row is good (``harness.status.GOOD``: pass, skipped, or a native verdict); 1 a row is fail, error
+or diverged; 2 bad input; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from models.data import DATASETS, DataError
 
 from . import runner
 from .runner import UserError
+from .status import GOOD, Status
 
 
 def _err(msg: str) -> None:
@@ -93,7 +95,7 @@ def cmd_compare(args) -> int:
     if result["interrupted"]:
         print("interrupted: finished rows were saved; the partial one is marked 'interrupted'", file=sys.stderr)
         return 130
-    bad = [r for r in record["rows"] if r["status"] not in ("pass", "skipped", "matches spec", "differs")]
+    bad = [r for r in record["rows"] if r["status"] not in GOOD]
     return 1 if bad else 0
 
 
@@ -114,9 +116,9 @@ def cmd_train(args) -> int:
 
     result = runner.train(cfg, on_event)
     bar.clear()
-    if result["status"] != "ok":
+    if result["status"] != Status.OK:
         print(f"{args.backend}: {result['status']}: {result.get('reason')}", file=sys.stderr)
-        return 130 if result["status"] == "interrupted" else (0 if result["status"] == "skipped" else 1)
+        return 130 if result["status"] == Status.INTERRUPTED else (0 if result["status"] in GOOD else 1)
     last = result["epochs"][-1] if result["epochs"] else {}
     print(f"data: {result['data_source']}; batch size {result['batch_size']}; "
           f"final train accuracy {last.get('train_acc', float('nan')):.4f}"
@@ -164,6 +166,8 @@ def cmd_report(args) -> int:
 def cmd_selftest(args) -> int:
     from .selftest import format_selftest, run_selftest
 
+    runner.check_positive(args.seeds, "--seeds", "it is how many seeds (0, 1, ...) the clean runs use, e.g. --seeds 5")
+    runner.check_positive(args.batch_size, "--batch-size", "e.g. --batch-size 100")
     clean = [b.strip() for b in args.clean_backends.split(",") if b.strip()] if args.clean_backends else []
     for b in clean:
         try:
@@ -194,11 +198,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", help="float32 or float64 (default: the model's)")
     p.add_argument("--mode", default="aligned", help="aligned (default: every backend forced to the spec) or native "
                                                      "(each framework's own defaults)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the batch order")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the batch order "
+                                                       "(0 <= seed < 2**32)")
     p.add_argument("--init", help="override the initializer: glorot, normal or uniform")
     p.add_argument("--dataset", help=f"override the data set: {', '.join(DATASETS)}")
     p.add_argument("--data-dir", help="where to look for data first (else $DLCOMPARE_DATA_DIR, caches, bundled)")
-    p.add_argument("--threads", type=int, help="intra-op threads for every backend (default: the framework's)")
+    p.add_argument("--threads", type=int, help="intra-op threads for every backend, at least 1 (default: the "
+                                                "framework's)")
     p.add_argument("--fast", action="store_true", help="use each backend's fast mode (jit_compile, CUDA graphs, scan)")
 
 
@@ -221,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-repeat", action="store_true", help="skip the determinism replay of each trajectory")
     p.add_argument("--quick", action="store_true", help="preset: 10 steps, 3 timed rounds, no replay")
     p.add_argument("--full", action="store_true", help="preset: 200 steps, 10 timed rounds")
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds per backend subprocess (default 900)")
+    p.add_argument("--timeout", type=float, default=runner.CompareConfig.timeout,
+                   help="seconds per backend subprocess, > 0 (default 900)")
     p.add_argument("--results-dir", default=str(_default_results()), help="where raw results and tables go")
     p.set_defaults(func=cmd_compare)
 

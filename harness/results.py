@@ -20,7 +20,7 @@ import numpy as np
 
 import backends
 
-from .runner import PROJECT_ROOT
+from .runner import OLD_STATUS_WORDS, PROJECT_ROOT
 
 DEFAULT_RESULTS_DIR = PROJECT_ROOT / "results"
 SCHEMA = 1
@@ -194,6 +194,14 @@ def load_records(results_dir: Path = DEFAULT_RESULTS_DIR) -> list[dict]:
             continue
         if rec.get("schema") == SCHEMA:
             rec["_path"] = str(p)
-            records.append(rec)
+            records.append(_upgrade_statuses(rec))
     records.sort(key=lambda r: r.get("created_utc", ""))
     return records
+
+
+def _upgrade_statuses(rec: dict) -> dict:
+    """Old records say "failed" (a crash) or "missing" (no result written) where new ones say "error"."""
+    for row in [*rec.get("rows", []), *(rec.get("oracle") or {}).values()]:
+        if row.get("status") in OLD_STATUS_WORDS:
+            row["status"] = OLD_STATUS_WORDS[row["status"]]
+    return rec

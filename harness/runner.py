@@ -27,6 +27,7 @@ from models.data import DATASETS, load_dataset
 from models.spec import DTYPES, INIT_PRESETS, ModelSpec
 
 from . import agreement
+from .status import Status
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ORACLE = "numpy"
@@ -95,7 +96,31 @@ def validate(cfg: CompareConfig) -> ModelSpec:
     for b in cfg.batch_sizes or ():
         if b < 1:
             raise UserError(f"batch sizes must be positive integers, got {b}")
+    check_seed(cfg.seed)
+    check_threads(cfg.threads)
+    if not 0 < cfg.timeout < math.inf:  # also refuses NaN
+        raise UserError(f"--timeout must be a positive, finite number of seconds per backend subprocess, got "
+                        f"{cfg.timeout:g}; leave it out for the default {CompareConfig.timeout:g}")
     return spec
+
+
+SEED_LIMIT = 2 ** 32  # numpy's default_rng takes any non-negative int; below 2**32 it is a uint32 every tool takes
+
+
+def check_seed(seed: int, what: str = "--seed") -> None:
+    if not 0 <= seed < SEED_LIMIT:
+        raise UserError(f"{what} must be an integer with 0 <= seed < 2**32 (numpy seeds are non-negative), "
+                        f"got {seed}; for example {what} 0")
+
+
+def check_threads(threads: int | None) -> None:
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be at least 1, got {threads}; leave it out for each framework's default")
+
+
+def check_positive(value: int, what: str, hint: str) -> None:
+    if value < 1:
+        raise UserError(f"{what} must be at least 1, got {value}; {hint}")
 
 
 def parse_int_list(text: str, what: str) -> list[int]:
@@ -172,9 +197,10 @@ def subprocess_env(backend: str, dtype: str, threads: int | None) -> dict[str, s
     if threads:
         for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             env[k] = str(threads)
-        if threads == 1:  # XLA (JAX) reads its thread pool size only from flags at start-up
-            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                                " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+        if threads == 1:  # XLA (JAX) reads its thread settings only from flags at start-up
+            # (intra_op_parallelism_threads is not an XLA_FLAGS flag, only a field of XLA's ExecutionOptions: written
+            # as --intra_op_parallelism_threads=1 it makes XLA abort with "Unknown flag in XLA_FLAGS")
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
     return env
 
 
@@ -184,12 +210,12 @@ def _tail(text: str, lines: int = 15) -> str:
 
 def run_backend(backend: str, job: Job, runs: list[dict], options: dict, timeout: float,
                 work_dir: Path) -> list[dict]:
-    """Run ``backend`` on ``runs`` in one subprocess; one row per run (status ok/skipped/failed/diverged/...)."""
+    """Run ``backend`` on ``runs`` in one subprocess; one row per run (status ok/skipped/error/diverged/...)."""
     base = {"backend": backend, "dtype": options["dtype"], "mode": options["mode"], "fast": bool(options.get("fast"))}
     missing = backends.missing_requirements(backend)
     if missing:
         reason = f"not installed ({', '.join(missing)}): {backends.install_hint(backend)}"
-        return [{**base, **r, "status": "skipped", "reason": reason} for r in runs]
+        return [{**base, **r, "status": Status.SKIPPED, "reason": reason} for r in runs]
     job_dir = Path(tempfile.mkdtemp(prefix=f"{backend}-", dir=work_dir))
     (job_dir / "job.pkl").write_bytes(pickle.dumps({"backend": backend, "spec": job.spec, "runs": runs,
                                                     "options": options}))
@@ -210,11 +236,7 @@ def run_backend(backend: str, job: Job, runs: list[dict], options: dict, timeout
         crash = f"timeout: no result after {timeout:g} s (raise it with --timeout)"
     except KeyboardInterrupt:
         _kill(proc)
-        rows = _collect(job_dir, base, runs, None)
-        for r in rows:
-            if r["status"] == "missing":
-                r.update(status="interrupted", reason="interrupted by the user (Ctrl-C)")
-        raise Interrupted(rows) from None
+        raise Interrupted(_collect(job_dir, base, runs, None, interrupted=True)) from None
     return _collect(job_dir, base, runs, crash)
 
 
@@ -232,7 +254,18 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _collect(job_dir: Path, base: dict, runs: list[dict], crash: str | None) -> list[dict]:
+# status words of older records and workers: "failed" (a crash) and "missing" (no result written) are now ERROR
+OLD_STATUS_WORDS = {"failed": Status.ERROR, "missing": Status.ERROR}
+
+
+def as_status(word: str) -> Status:
+    """A row's status word as the Status type, old words included."""
+    return OLD_STATUS_WORDS.get(word) or Status(word)
+
+
+def _collect(job_dir: Path, base: dict, runs: list[dict], crash: str | None, interrupted: bool = False) -> list[dict]:
+    """One row per run from what the worker wrote; a run with no result is ERROR (``crash`` says why) or, after
+    Ctrl-C, INTERRUPTED."""
     import json
 
     head_path = job_dir / "worker.json"
@@ -242,19 +275,20 @@ def _collect(job_dir: Path, base: dict, runs: list[dict], crash: str | None) -> 
         row = {**base, "batch_size": run["batch_size"], "device": run["device"], "version": head.get("version"),
                "env": head.get("env")}
         meta_path = job_dir / f"run-{i}.json"
-        if head.get("status") == "skipped":
-            row.update(status="skipped", reason=head["reason"])
+        if head.get("status") == Status.SKIPPED:
+            row.update(status=Status.SKIPPED, reason=head["reason"])
         elif meta_path.exists():
             meta = json.loads(meta_path.read_text())
-            row.update(status=meta.pop("status"), reason=meta.pop("reason", None), meta=meta)
+            row.update(status=as_status(meta.pop("status")), reason=meta.pop("reason", None), meta=meta)
             npz = job_dir / f"run-{i}.npz"
             if npz.exists():
                 with np.load(npz) as f:
                     row["arrays"] = {k: f[k] for k in f.files}
-        elif crash:
-            row.update(status="failed", reason=crash)
+        elif interrupted:
+            row.update(status=Status.INTERRUPTED, reason="interrupted by the user (Ctrl-C)")
         else:
-            row.update(status="missing", reason="the subprocess wrote no result for this run")
+            row.update(status=Status.ERROR, reason=crash or "the subprocess exited normally but wrote no result for "
+                                                            "this run")
         rows.append(row)
     shutil.rmtree(job_dir, ignore_errors=True)
     return rows
@@ -381,16 +415,17 @@ def train(cfg: TrainConfig, on_event: Callable[[dict], None] = lambda e: None) -
     import json
 
     spec = validate(CompareConfig(model=cfg.model, backends=[cfg.backend], dtype=cfg.dtype, init=cfg.init,
-                                  dataset=cfg.dataset, devices=[cfg.device], mode=cfg.mode))
+                                  dataset=cfg.dataset, devices=[cfg.device], mode=cfg.mode, seed=cfg.seed,
+                                  threads=cfg.threads))
     epochs = spec.epochs if cfg.epochs is None else cfg.epochs
-    if epochs < 1:
-        raise UserError(f"--epochs must be at least 1, got {epochs}")
+    check_positive(epochs, "--epochs", f"leave it out for the model's {spec.epochs}")
+    b = max(spec.batch_sizes) if cfg.batch_size is None else cfg.batch_size
+    check_positive(b, "--batch-size", f"leave it out for the model's {max(spec.batch_sizes)}")
     missing = backends.missing_requirements(cfg.backend)
     if missing:
-        return {"status": "skipped", "reason": f"not installed ({', '.join(missing)}): "
-                                               f"{backends.install_hint(cfg.backend)}", "epochs": []}
+        return {"status": Status.SKIPPED, "reason": f"not installed ({', '.join(missing)}): "
+                                                    f"{backends.install_hint(cfg.backend)}", "epochs": []}
     ds, x, y, x_test, y_test = load_data(spec, cfg.data_dir)
-    b = cfg.batch_size or max(spec.batch_sizes)
     if b > len(x):
         raise UserError(f"batch size {b} is larger than the data set ({len(x)} samples); use at most {len(x)}")
     data = {"x": x, "y": y}
@@ -401,7 +436,7 @@ def train(cfg: TrainConfig, on_event: Callable[[dict], None] = lambda e: None) -
         data[f"w/{j}"] = w
     for e in range(epochs):
         data[f"epoch_{e}"] = epoch_permutation(len(x), cfg.seed, e, spec.shuffle)
-    result = {"status": "ok", "epochs": [], "data_source": ds.source, "batch_size": b, "spec": spec}
+    result = {"status": Status.OK, "epochs": [], "data_source": ds.source, "batch_size": b, "spec": spec}
     with tempfile.TemporaryDirectory(prefix="dlcompare-train-") as tmp:
         job_dir = Path(tmp)
         options = {"dtype": spec.dtype, "mode": cfg.mode, "threads": cfg.threads, "fast": cfg.fast,
@@ -422,19 +457,21 @@ def train(cfg: TrainConfig, on_event: Callable[[dict], None] = lambda e: None) -
                 if event.get("event") == "epoch":
                     result["epochs"].append(event)
                     if "diverged_at" in event:
-                        result.update(status="diverged", reason=f"diverged at step {event['diverged_at']} (loss)")
+                        result.update(status=Status.DIVERGED,
+                                      reason=f"diverged at step {event['diverged_at']} (loss)")
                 on_event(event)
             err = proc.stderr.read()
             proc.wait()
         except KeyboardInterrupt:
             _kill(proc)
-            result.update(status="interrupted", reason="interrupted by the user (Ctrl-C)")
+            result.update(status=Status.INTERRUPTED, reason="interrupted by the user (Ctrl-C)")
             return result
         head_path = job_dir / "worker.json"
         head = json.loads(head_path.read_text()) if head_path.exists() else {}
-        if head.get("status") == "skipped":
-            result.update(status="skipped", reason=head["reason"])
+        if head.get("status") == Status.SKIPPED:
+            result.update(status=Status.SKIPPED, reason=head["reason"])
         elif proc.returncode != 0:
-            result.update(status="failed", reason=f"subprocess exit code {proc.returncode}; stderr tail:\n{_tail(err)}")
+            result.update(status=Status.ERROR,
+                          reason=f"subprocess exit code {proc.returncode}; stderr tail:\n{_tail(err)}")
         result["version"] = head.get("version")
     return result

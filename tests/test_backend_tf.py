@@ -29,6 +29,7 @@ import pytest
 import backends.numpy_scratch as ref
 from backends.base import BuildOptions, Unsupported
 from harness.runner import PROJECT_ROOT, CompareConfig, batch_order, compare, load_data
+from harness.status import Status
 from models import get_model, init_weights
 from models.spec import SGD, Adam, Conv2D, Dense, Flatten, Init, Loss, MaxPool2D, ModelSpec, f32
 
@@ -60,13 +61,13 @@ def _why(row: dict) -> str:
 
 def _assert_pass(rows: list[dict]) -> None:
     for row in rows:
-        if row["status"] == "skipped" and str(row.get("reason", "")).startswith("not installed"):
+        if row["status"] == Status.SKIPPED and str(row.get("reason", "")).startswith("not installed"):
             continue
         if row["backend"] == "keras-torch" and row["dtype"] == "float64":
-            assert row["status"] == "skipped", _why(row)
+            assert row["status"] == Status.SKIPPED, _why(row)
             assert "computes matmuls in float32" in row["reason"] and "result_type(float64, float64)" in row["reason"]
             continue
-        assert row["status"] == "pass", _why(row)
+        assert row["status"] == Status.PASS, _why(row)
         assert row["agreement"]["n_checks"] > 0
 
 
@@ -101,14 +102,14 @@ def test_native_mode_runs_and_lists_its_differences():
     rows = _compare("pima_mlp", ["tf1", "tf2", "keras", "keras-jax"], 3, "float64", mode="native", batch_sizes=[10])
     diffs = {}
     for row in rows:
-        if row["status"] == "skipped" and str(row.get("reason", "")).startswith("not installed"):
+        if row["status"] == Status.SKIPPED and str(row.get("reason", "")).startswith("not installed"):
             continue
-        assert row["status"] in ("differs", "matches spec", "pass", "fail"), _why(row)
+        assert row["status"] in (Status.DIFFERS, Status.MATCHES, Status.PASS, Status.FAIL), _why(row)
         d = ((row.get("meta") or {}).get("info") or {}).get("native_differences")
         assert isinstance(d, list) and d, (row["backend"], d)
         diffs[row["backend"]] = d
         if row["backend"] != "keras":  # Keras on TF uses the logits path and the same Adam: may match
-            assert row["status"] in ("differs", "fail"), _why(row)
+            assert row["status"] in (Status.DIFFERS, Status.FAIL), _why(row)
     assert "Adam epsilon 1e-08 (spec 1e-07)" in diffs["tf1"]
     assert any("beta powers" in d for d in diffs["tf1"])
     assert any(d.startswith("sigmoid output layer") for d in diffs["keras"])

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from harness.cli import main
+from harness.status import Status
 
 
 def run_cli(*args):
@@ -20,8 +21,8 @@ def test_compare_mlp_431_numpy_passes_and_writes_json_and_npz(results_dir, capsy
     (npz_path,) = raw.glob("*.npz")
     rec = json.loads(json_path.read_text())
     rows = {r["batch_size"]: r for r in rec["rows"]}
-    assert set(rows) == {1, 3} and all(r["status"] == "pass" for r in rows.values())
-    assert "pass" in out
+    assert set(rows) == {1, 3} and all(r["status"] == Status.PASS for r in rows.values())
+    assert Status.PASS in out
     for key in ("versions", "machine", "config", "seed", "data_source", "commit", "flags"):
         assert key in rec
     assert len(rows[1]["losses"]) == 20
@@ -44,6 +45,7 @@ def test_report_regenerates_tables_from_raw(results_dir, capsys):
     assert md.startswith("<!-- generated")
     assert md.count("| numpy ") >= 4  # float64 and float32 rows at batch 1 and 3, merged from two runs
     assert "tf1` (not run)" in md  # backends with no row are named, never dropped silently
+    assert "- `error`: the backend crashed" in md and "- `fail`: a disagreement" in md  # the legend of the verdicts
 
 
 def test_list_shows_models_and_backends(capsys):
@@ -84,5 +86,95 @@ def test_missing_framework_is_a_skipped_row(results_dir, capsys, monkeypatch):
                    "--no-timing") == 0
     rec = json.loads(next((results_dir / "raw").glob("*.json")).read_text())
     torch_rows = [r for r in rec["rows"] if r["backend"] == "torch"]
-    assert torch_rows and all(r["status"] == "skipped" for r in torch_rows)
+    assert torch_rows and all(r["status"] == Status.SKIPPED for r in torch_rows)
     assert "pip install '.[torch]'" in torch_rows[0]["reason"]
+
+
+@pytest.fixture
+def no_backend_work(monkeypatch):
+    """Bad input must be refused before any subprocess (backend or oracle) starts."""
+    import subprocess
+
+    def refuse(*a, **k):
+        raise AssertionError(f"a subprocess was started for bad input: {a[:1]}")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["compare", "--seed", "-1"], ["--seed must be an integer with 0 <= seed < 2**32", "got -1", "--seed 0"]),
+    (["compare", "--seed", str(2 ** 32)], ["0 <= seed < 2**32", f"got {2 ** 32}"]),
+    (["compare", "--timeout", "-1"], ["--timeout must be a positive", "got -1", "leave it out for the default 900"]),
+    (["compare", "--timeout", "0"], ["--timeout must be a positive", "got 0"]),
+    (["compare", "--timeout", "nan"], ["--timeout must be a positive", "got nan"]),
+    (["compare", "--threads", "-2"], ["--threads must be at least 1, got -2", "leave it out"]),
+    (["compare", "--threads", "0"], ["--threads must be at least 1, got 0"]),
+    (["train", "--seed", "-1"], ["--seed must be an integer with 0 <= seed < 2**32", "got -1"]),
+    (["train", "--threads", "-2"], ["--threads must be at least 1, got -2"]),
+    (["train", "--batch-size", "0"], ["--batch-size must be at least 1, got 0", "leave it out for the model's 10"]),
+    (["train", "--batch-size", "-1"], ["--batch-size must be at least 1, got -1"]),
+    (["train", "--epochs", "-3"], ["--epochs must be at least 1, got -3", "leave it out for the model's 150"]),
+    (["train", "--epochs", "0"], ["--epochs must be at least 1, got 0"]),
+], ids=lambda v: " ".join(v) if isinstance(v, list) and v[0] in ("compare", "train") else None)
+def test_bad_numbers_exit_2_before_any_work(args, expected, no_backend_work, results_dir, capsys):
+    cmd, *rest = args
+    extra = ["--backends", "numpy", "--results-dir", results_dir] if cmd == "compare" else []
+    assert run_cli(cmd, "--model", "pima_mlp", *rest, *extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("harness: error: ")
+    for text in expected:
+        assert text in err, err
+    assert not (results_dir / "raw").exists() or not list((results_dir / "raw").iterdir())
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--seeds", "0"], "--seeds must be at least 1, got 0"),
+    (["--seeds", "-2"], "--seeds must be at least 1, got -2"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--steps", "5"], "selftest needs at least 10 steps"),
+])
+def test_bad_selftest_input_exits_2_before_any_work(args, expected, no_backend_work, capsys):
+    assert run_cli("selftest", *args) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_xla_flags_for_one_thread_are_well_formed(monkeypatch):
+    import re
+
+    from harness.runner import subprocess_env
+
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    flags = subprocess_env("jax", "float32", 1)["XLA_FLAGS"].split()
+    assert flags and all(re.fullmatch(r"--xla_[a-z0-9_]+=\S+", f) for f in flags), flags
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")  # the user's own flags are kept, in front
+    assert subprocess_env("jax", "float32", 1)["XLA_FLAGS"].split() == ["--xla_dump_to=/tmp/x", *flags]
+
+
+def test_xla_accepts_the_one_thread_flags(monkeypatch):
+    """XLA aborts at start-up on a flag it does not know ("Unknown flag in XLA_FLAGS"): every flag we set must be real."""
+    import subprocess
+    import sys
+
+    from harness.runner import PROJECT_ROOT, subprocess_env
+
+    pytest.importorskip("jax")
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    env = {**subprocess_env("jax", "float32", 1), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; print(float(jnp.ones(3).sum()))"], env=env,
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "3.0", proc.stderr[-2000:]
+
+
+def test_old_records_with_status_failed_read_as_error(results_dir):
+    from harness.report import status_text
+    from harness.results import load_records
+
+    rec = {"schema": 1, "run_id": "old", "model": "mlp_431", "kind": "compare", "created_utc": "2026-01-01",
+           "rows": [{"backend": "tf1", "status": "failed", "reason": "exit code 1"}, {"backend": "numpy", "status": "pass"}],
+           "oracle": {"1": {"status": "missing", "reason": "the subprocess wrote no result for this run"}}}
+    (results_dir / "raw").mkdir()
+    (results_dir / "raw" / "old.json").write_text(json.dumps(rec))
+    (loaded,) = load_records(results_dir)
+    assert [r["status"] for r in loaded["rows"]] == [Status.ERROR, Status.PASS]
+    assert loaded["oracle"]["1"]["status"] == Status.ERROR
+    assert status_text(loaded["rows"][0]) == "error: exit code 1"

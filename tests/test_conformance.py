@@ -12,6 +12,7 @@ import pytest
 
 import backends
 from harness.runner import PROJECT_ROOT, CompareConfig, compare, subprocess_env
+from harness.status import Status
 
 NAMES = [n for n in backends.REGISTRY]
 
@@ -63,8 +64,8 @@ def test_backend_agrees_with_the_oracle_on_the_431_net_in_float64(name):
     require(name)
     res = compare(CompareConfig(model="mlp_431", backends=[name], steps=12, dtype="float64", timing=False))
     for row in res["rows"]:
-        assert row["status"] in ("pass", "skipped"), (row["batch_size"], row["status"], row.get("reason"))
-        if row["status"] == "skipped":
+        assert row["status"] in (Status.PASS, Status.SKIPPED), (row["batch_size"], row["status"], row.get("reason"))
+        if row["status"] == Status.SKIPPED:
             assert row["reason"]  # a skip always says why
 
 
@@ -73,7 +74,7 @@ def test_backend_agrees_with_the_oracle_on_pima_in_float32(name):
     require(name)
     res = compare(CompareConfig(model="pima_mlp", backends=[name], steps=4, dtype="float32", timing=False))
     for row in res["rows"]:
-        assert row["status"] == "pass", (row["batch_size"], row["status"], row.get("reason"))
+        assert row["status"] == Status.PASS, (row["batch_size"], row["status"], row.get("reason"))
 
 
 STAGED = """

@@ -3,6 +3,7 @@
 from harness.report import console_table
 from harness.results import to_record
 from harness.runner import CompareConfig, compare
+from harness.status import Status
 
 
 def test_repeat_is_bit_identical_for_a_deterministic_backend_and_catches_one_that_is_not(monkeypatch):
@@ -22,14 +23,14 @@ def test_pairwise_matrix_covers_every_pair_at_each_batch_size(monkeypatch):
                                 dtype="float64", repeat=False))
     pairs = {(p["a"], p["b"], p["batch_size"]): p for p in res["pairs"]}
     assert len(pairs) == 6  # 3 pairs x 2 batch sizes
-    assert pairs[("numpy", "copy1", 10)]["status"] == "pass" and pairs[("numpy", "copy1", 10)]["worst"] == 0
-    assert pairs[("numpy", "shifted", 10)]["status"] == "fail"
+    assert pairs[("numpy", "copy1", 10)]["status"] == Status.PASS and pairs[("numpy", "copy1", 10)]["worst"] == 0
+    assert pairs[("numpy", "shifted", 10)]["status"] == Status.FAIL
     assert "Pairwise worst scaled error" in console_table(to_record(res, "x"))
 
 
 def test_native_mode_rows_are_an_audit_not_a_failure():
     res = compare(CompareConfig(model="mlp_431", backends=["numpy"], timing=False, steps=3, mode="native"))
-    assert {r["status"] for r in res["rows"]} == {"matches spec"}
+    assert {r["status"] for r in res["rows"]} == {Status.MATCHES}
 
 
 def test_fast_mode_rows_are_labelled_and_kept_apart():

@@ -13,6 +13,7 @@ import pytest
 from harness import results
 from harness.cli import main
 from harness.runner import PROJECT_ROOT, CompareConfig, compare
+from harness.status import Status
 
 
 def plug(monkeypatch, **faults):
@@ -35,22 +36,22 @@ def only_record(results_dir):
     ("raise", "RuntimeError: CUDA error: an illegal memory access was encountered (planted)"),
     ("segfault", "killed by signal SIGSEGV"),
 ])
-def test_a_crashing_backend_is_a_failed_row_and_the_others_run(fault, expected, monkeypatch, results_dir):
+def test_a_crashing_backend_is_an_error_row_and_the_others_run(fault, expected, monkeypatch, results_dir):
     plug(monkeypatch, bad=fault)
     assert main(["compare", "--model", "mlp_431", "--backends", "bad,numpy", "--results-dir", str(results_dir),
                  "--no-timing"]) == 1
     rec = only_record(results_dir)
     by = rows_by_backend(rec)
-    assert all(r["status"] == "failed" and expected in r["reason"] for r in by["bad"])
-    assert all(r["status"] == "pass" for r in by["numpy"])
+    assert all(r["status"] == Status.ERROR and expected in r["reason"] for r in by["bad"])
+    assert all(r["status"] == Status.PASS for r in by["numpy"])
 
 
 def test_a_failure_in_a_later_run_keeps_the_earlier_runs_of_that_backend(monkeypatch):
     plug(monkeypatch, flaky="raise_on_large_batch")
     res = compare(CompareConfig(model="mlp_431", backends=["flaky"], timing=False))
     by_b = {r["batch_size"]: r for r in res["rows"]}
-    assert by_b[1]["status"] == "pass"
-    assert by_b[3]["status"] == "failed" and "planted failure" in by_b[3]["reason"]
+    assert by_b[1]["status"] == Status.PASS
+    assert by_b[3]["status"] == Status.ERROR and "planted failure" in by_b[3]["reason"]
 
 
 def test_a_hanging_backend_times_out(monkeypatch):
@@ -61,15 +62,15 @@ def test_a_hanging_backend_times_out(monkeypatch):
     by = {}
     for r in res["rows"]:
         by.setdefault(r["backend"], []).append(r)
-    assert all(r["status"] == "failed" and "timeout: no result after 8 s" in r["reason"] for r in by["slow"])
-    assert all(r["status"] == "pass" for r in by["numpy"])
+    assert all(r["status"] == Status.ERROR and "timeout: no result after 8 s" in r["reason"] for r in by["slow"])
+    assert all(r["status"] == Status.PASS for r in by["numpy"])
 
 
 def test_nan_is_diverged_with_step_and_tensor(monkeypatch):
     plug(monkeypatch, blowup="nan")
     res = compare(CompareConfig(model="mlp_431", backends=["blowup"], timing=False))
     for r in res["rows"]:
-        assert r["status"] == "diverged"
+        assert r["status"] == Status.DIVERGED
         assert r["reason"].startswith("diverged at step 3 (tensor loss")
 
 
@@ -77,14 +78,14 @@ def test_a_missing_framework_is_skipped_with_the_pip_hint(monkeypatch):
     plug(monkeypatch, fancy="import")
     res = compare(CompareConfig(model="mlp_431", backends=["fancy", "numpy"], timing=False))
     fancy = [r for r in res["rows"] if r["backend"] == "fancy"]
-    assert all(r["status"] == "skipped" and "not installed" in r["reason"] and "fancyframework" in r["reason"]
+    assert all(r["status"] == Status.SKIPPED and "not installed" in r["reason"] and "fancyframework" in r["reason"]
                for r in fancy)
 
 
 def test_a_cuda_run_without_a_gpu_is_skipped_not_an_error():
     res = compare(CompareConfig(model="mlp_431", backends=["numpy"], devices=["cpu", "cuda"], timing=False))
     cuda = [r for r in res["rows"] if r["device"] == "cuda"]
-    assert cuda and all(r["status"] == "skipped" and "no CUDA device" in r["reason"] for r in cuda)
+    assert cuda and all(r["status"] == Status.SKIPPED and "no CUDA device" in r["reason"] for r in cuda)
 
 
 def test_ctrl_c_saves_finished_rows_and_marks_the_partial_one(monkeypatch, results_dir):
@@ -103,8 +104,8 @@ def test_ctrl_c_saves_finished_rows_and_marks_the_partial_one(monkeypatch, resul
     rec = only_record(results_dir)
     assert rec["interrupted"] is True
     by = rows_by_backend(rec)
-    assert all(r["status"] == "pass" for r in by["numpy"])
-    assert by["stuck"] and all(r["status"] == "interrupted" for r in by["stuck"])
+    assert all(r["status"] == Status.PASS for r in by["numpy"])
+    assert by["stuck"] and all(r["status"] == Status.INTERRUPTED for r in by["stuck"])
 
 
 def test_unwritable_results_dir_is_reported_before_any_work(tmp_path, capsys):

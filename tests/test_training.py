@@ -3,10 +3,11 @@
 import pytest
 
 from harness.runner import TrainConfig, train
+from harness.status import Status
 
 
 def final(result):
-    assert result["status"] == "ok", result.get("reason")
+    assert result["status"] == Status.OK, result.get("reason")
     return result["epochs"][-1]
 
 
