@@ -106,25 +106,38 @@ def loss_and_grad(xp, spec: ModelSpec, out, y):
     return per_sample.sum(), grad
 
 
-def _conv_forward(xp, x, w):
+def _mm(a, b):
+    return a @ b
+
+
+def _mm_blocked(a, b):
+    """``a @ b`` with the inner dimension summed in two blocks: the same product, another rounding (an oracle variant)."""
+    k = a.shape[-1]
+    if k < 2:
+        return a @ b
+    h = k // 2
+    return a[..., :h] @ b[:h] + a[..., h:] @ b[h:]
+
+
+def _conv_forward(xp, x, w, mm=_mm):
     """x (N,H,W,C), w (kh,kw,C,F) -> (N,Ho,Wo,F) and the im2col patches (N*Ho*Wo, kh*kw*C)."""
     n, h, wd, c = x.shape
     kh, kw, _, f = w.shape
     ho, wo = h - kh + 1, wd - kw + 1
     patches = xp.stack([x[:, i : i + ho, j : j + wo, :] for i in range(kh) for j in range(kw)], axis=3)
     patches = patches.reshape(n * ho * wo, kh * kw * c)  # tap order (i, j) then channel = HWIO's order
-    return (patches @ w.reshape(kh * kw * c, f)).reshape(n, ho, wo, f), patches
+    return mm(patches, w.reshape(kh * kw * c, f)).reshape(n, ho, wo, f), patches
 
 
-def _conv_backward(xp, x_shape, w, patches, dout, need_dx=True):
+def _conv_backward(xp, x_shape, w, patches, dout, need_dx=True, mm=_mm):
     n, h, wd, c = x_shape
     kh, kw, _, f = w.shape
     ho, wo = h - kh + 1, wd - kw + 1
     d2 = dout.reshape(n * ho * wo, f)
-    dw = (patches.T @ d2).reshape(w.shape)
+    dw = mm(patches.T, d2).reshape(w.shape)
     if not need_dx:
         return None, dw, d2.sum(axis=0)
-    dpatches = (d2 @ w.reshape(kh * kw * c, f).T).reshape(n, ho, wo, kh * kw, c)
+    dpatches = mm(d2, w.reshape(kh * kw * c, f).T).reshape(n, ho, wo, kh * kw, c)
     dx = xp.zeros(x_shape, dtype=dout.dtype)
     for t in range(kh * kw):  # one scatter-add per kernel tap
         i, j = divmod(t, kw)
@@ -150,7 +163,7 @@ def _pool_backward(xp, x_shape, p, idx, dout):
     return dx
 
 
-def forward(xp, spec: ModelSpec, params, x, keep=False):
+def forward(xp, spec: ModelSpec, params, x, keep=False, mm=_mm):
     """Network output (before the loss's sigmoid/softmax).  With ``keep`` also the per-layer caches for backward."""
     caches = []
     k = 0
@@ -158,13 +171,13 @@ def forward(xp, spec: ModelSpec, params, x, keep=False):
         if isinstance(layer, Dense):
             w, b = params[k], params[k + 1]
             k += 2
-            z = x @ w + b
+            z = mm(x, w) + b
             a = _act(xp, z, layer.activation)
             cache = (x, z, a)
         elif isinstance(layer, Conv2D):
             w, b = params[k], params[k + 1]
             k += 2
-            z, patches = _conv_forward(xp, x, w)
+            z, patches = _conv_forward(xp, x, w, mm)
             z = z + b
             a = _act(xp, z, layer.activation)
             cache = (x.shape, patches, z, a)
@@ -182,7 +195,7 @@ def forward(xp, spec: ModelSpec, params, x, keep=False):
     return x, caches
 
 
-def backward(xp, spec: ModelSpec, params, caches, dout):
+def backward(xp, spec: ModelSpec, params, caches, dout, mm=_mm):
     """Gradients of every parameter, in ``spec.param_names()`` order, given d loss / d output."""
     grads = [None] * len(params)
     k = len(params)
@@ -191,15 +204,15 @@ def backward(xp, spec: ModelSpec, params, caches, dout):
             k -= 2
             x, z, a = cache
             dz = _act_grad(xp, z, a, layer.activation, dout)
-            grads[k], grads[k + 1] = x.T @ dz, dz.sum(axis=0)
+            grads[k], grads[k + 1] = mm(x.T, dz), dz.sum(axis=0)
             if k == 0:
                 break  # the first parametrised layer: nothing needs the gradient of the data
-            dout = dz @ params[k].T
+            dout = mm(dz, params[k].T)
         elif isinstance(layer, Conv2D):
             k -= 2
             x_shape, patches, z, a = cache
             dz = _act_grad(xp, z, a, layer.activation, dout)
-            dout, grads[k], grads[k + 1] = _conv_backward(xp, x_shape, params[k], patches, dz, need_dx=k > 0)
+            dout, grads[k], grads[k + 1] = _conv_backward(xp, x_shape, params[k], patches, dz, need_dx=k > 0, mm=mm)
             if k == 0:
                 break
         elif isinstance(layer, MaxPool2D):
@@ -220,6 +233,16 @@ def predict_from_output(xp, spec: ModelSpec, out):
 
 
 # ------------------------------------------------------------------------------------------------------- the model
+# Rounding variants (``BuildOptions.extra["rounding"] = "blocked+reversed"``): the same mathematics in another order of
+# floating-point operations.  The agreement engine runs the oracle in the compared dtype with each of them; their spread
+# around the float64 oracle is the envelope of what a correct implementation in that dtype computes.
+ROUNDING_VARIANTS = {
+    "blocked": "every matmul's inner dimension summed in two blocks",
+    "reversed": "the samples of each batch in reverse order (batch sums in the other order)",
+    "adam_order": "Adam's moments and update in torch.optim.Adam's order (m = b1*m + (1-b1)*g, alpha*(m/(sqrt(v)+eps)))",
+}
+
+
 class Model(ModelBase):
     capabilities = CAPABILITIES
 
@@ -235,20 +258,31 @@ class Model(ModelBase):
         if isinstance(opt, Adam):
             self.m = [self.xp.zeros_like(p) for p in self.params]
             self.v = [self.xp.zeros_like(p) for p in self.params]
+        rounding = options.extra.get("rounding", ())
+        rounding = tuple(r for r in (rounding.split("+") if isinstance(rounding, str) else rounding) if r)
+        unknown = set(rounding) - set(ROUNDING_VARIANTS)
+        if unknown:
+            raise ValueError(f"unknown rounding variant(s) {sorted(unknown)}; valid: {', '.join(ROUNDING_VARIANTS)}")
+        self.rounding = rounding
+        self.mm = _mm_blocked if "blocked" in rounding else _mm
         self.info = {"optimizer": f"hand-written {type(opt).__name__}"
                      + (f" ({opt.convention} convention)" if isinstance(opt, Adam) else ""),
                      "array_module": self.xp.__name__}
+        if rounding:
+            self.info["rounding_variant"] = "+".join(rounding)
 
     def _in(self, x, y):
         xp = self.xp
-        x = xp.asarray(np.asarray(x, dtype=self.dtype))
-        y = xp.asarray(np.asarray(y, dtype=np.int64 if self.spec.loss.integer_labels else self.dtype))
-        return x, y
+        x = np.asarray(x, dtype=self.dtype)
+        y = np.asarray(y, dtype=np.int64 if self.spec.loss.integer_labels else self.dtype)
+        if "reversed" in self.rounding:  # the same batch, summed in the other order
+            x, y = x[::-1], y[::-1]
+        return xp.asarray(x), xp.asarray(y)
 
     def _loss_grads(self, x, y):
-        out, caches = forward(self.xp, self.spec, self.params, x, keep=True)
+        out, caches = forward(self.xp, self.spec, self.params, x, keep=True, mm=self.mm)
         loss, dout = loss_and_grad(self.xp, self.spec, out, y)
-        return loss, backward(self.xp, self.spec, self.params, caches, dout)
+        return loss, backward(self.xp, self.spec, self.params, caches, dout, mm=self.mm)
 
     def gradients(self, x, y):
         loss, grads = self._loss_grads(*self._in(x, y))
@@ -274,6 +308,17 @@ class Model(ModelBase):
         b1t, b2t = b1**t, b2**t
         if opt.convention == "eps_hat":
             alpha = lr * xp.sqrt(1 - b2t) / (1 - b1t)
+        if "adam_order" in self.rounding:  # the same update in torch.optim.Adam's order of operations
+            for p, m, v, g in zip(self.params, self.m, self.v, grads):
+                m *= b1
+                m += (1 - b1) * g
+                v *= b2
+                v += (1 - b2) * (g * g)
+                if opt.convention == "eps_hat":
+                    p -= alpha * (m / (xp.sqrt(v) + eps))
+                else:
+                    p -= (lr / (1 - b1t)) * (m / (xp.sqrt(v) / xp.sqrt(1 - b2t) + eps))
+            return
         for p, m, v, g in zip(self.params, self.m, self.v, grads):
             m += (g - m) * (1 - b1)
             v += (g * g - v) * (1 - b2)
@@ -284,7 +329,7 @@ class Model(ModelBase):
 
     def predict(self, x):
         x = self.xp.asarray(np.asarray(x, dtype=self.dtype))
-        out, _ = forward(self.xp, self.spec, self.params, x)
+        out, _ = forward(self.xp, self.spec, self.params, x, mm=self.mm)
         return self._out(predict_from_output(self.xp, self.spec, out))
 
     def get_weights(self):

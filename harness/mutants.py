@@ -15,6 +15,9 @@ from backends.base import Unsupported
 from backends.numpy_scratch import CAPABILITIES, devices, probe  # noqa: F401  (the backend contract)
 from models.spec import Adam, Loss, f32
 
+WEIGHT_DECAY = 1e-4  # the AdamW paper's decoupled form at schedule multiplier 1: w -= lambda * w
+LR_DECAY_RATE, LR_DECAY_STEPS = 0.9, 10
+
 BUGS = {
     "adam_eps": "Adam epsilon 10x the spec's",
     "adam_convention": "Adam epsilon added to sqrt(v_hat) (torch/optax) instead of the spec's eps-hat form",
@@ -25,7 +28,13 @@ BUGS = {
     "batch_shift": "batch order shifted by one step (trains on the previous batch)",
     "float32_loss": "the loss and its gradient accumulated in float32 in a float64 run",
     "stale_state": "Adam's second moment never updated after step 2 (stale optimizer state)",
+    "weight_decay": f"decoupled weight decay {WEIGHT_DECAY:g} left on (w -= {WEIGHT_DECAY:g}*w after each update, AdamW)",
+    "lr_decay": f"an exponential learning-rate decay left on (lr * {LR_DECAY_RATE:g}^(t/{LR_DECAY_STEPS}), Keras' "
+                "ExponentialDecay, t = updates already applied)",
 }
+
+# (bug, batch size) where the bug computes the very same numbers as the spec: not a miss when it passes
+IDENTICAL_AT = {("reduction", 1): "the sum and the mean of one sample are the same number"}
 
 BUG = os.environ.get("DLCOMPARE_MUTANT", "none")
 
@@ -37,6 +46,8 @@ class Model(numpy_scratch.Model):
         opt = spec.optimizer
         if BUG in ("adam_eps", "adam_convention", "stale_state") and not isinstance(opt, Adam):
             raise Unsupported(f"bug {BUG} needs an Adam model")
+        if BUG == "float32_loss" and options.dtype != "float64":
+            raise Unsupported("bug float32_loss (float32 inside a float64 run) means nothing in a float32 run")
         if BUG == "adam_eps":
             spec = dataclasses.replace(spec, optimizer=dataclasses.replace(opt, epsilon=f32(opt.epsilon * 10)))
         elif BUG == "adam_convention":
@@ -46,6 +57,7 @@ class Model(numpy_scratch.Model):
             other = "sum" if spec.loss.reduction == "mean" else "mean"
             spec = dataclasses.replace(spec, loss=Loss(spec.loss.kind, other))
         super().__init__(spec, weights, options)
+        self.base_spec = spec
         self.transposed = None
         if BUG == "transposed_weight":
             square = [j for j, p in enumerate(self.params) if p.ndim == 2 and p.shape[0] == p.shape[1]]
@@ -70,10 +82,17 @@ class Model(numpy_scratch.Model):
         if BUG == "bias_frozen":
             grads = [g if g.ndim > 1 else np.zeros_like(g) for g in grads]
         saved_v = [v.copy() for v in self.v] if BUG == "stale_state" and self.t >= 2 else None
+        if BUG == "lr_decay":
+            opt = self.base_spec.optimizer
+            lr = f32(opt.lr * LR_DECAY_RATE ** (self.t / LR_DECAY_STEPS))
+            self.spec = dataclasses.replace(self.base_spec, optimizer=dataclasses.replace(opt, lr=lr))
         super()._apply(grads)
         if saved_v is not None:
             for v, old in zip(self.v, saved_v):
                 v[...] = old
+        if BUG == "weight_decay":
+            for p in self.params:
+                p -= self.dtype.type(WEIGHT_DECAY) * p
 
     def train_step(self, x, y):
         if BUG == "batch_shift":

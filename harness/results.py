@@ -137,7 +137,7 @@ def write_run(result: dict, results_dir: Path = DEFAULT_RESULTS_DIR) -> tuple[Pa
     for j, w in enumerate(job.weights):
         arrays[f"init/{spec.param_names()[j]}"] = w
     for b in job.batch_sizes:
-        arrays[f"batch_order/{b}"] = job.data[f"order_{b}"]
+        arrays[f"batch_order/{b}"] = job.order(b)
     for b, r in result["oracle"].items():
         _row_arrays(arrays, f"oracle|b{b}", r, spec)
     for row in result["rows"]:

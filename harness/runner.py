@@ -24,7 +24,7 @@ import numpy as np
 import backends
 from models import get_model, init_weights
 from models.data import DATASETS, load_dataset
-from models.spec import DTYPES, INIT_PRESETS, ModelSpec
+from models.spec import DTYPES, INIT_PRESETS, Adam, ModelSpec
 
 from . import agreement
 from .status import Status
@@ -168,22 +168,31 @@ def batch_order(n: int, batch_size: int, steps: int, seed: int, shuffle: bool) -
 class Job:
     spec: ModelSpec
     dataset_source: str
-    weights: list[np.ndarray]
-    data: dict[str, np.ndarray]  # x, y, probe_x, order_<B>, w/<j>
+    weights: list[np.ndarray]  # the first seed's canonical initial weights
+    data: dict[str, np.ndarray]  # x, y, probe_x, and per seed S: seed<S>/order_<B>, seed<S>/w/<j>
     batch_sizes: list[int]
+    seeds: list[int]
+
+    def order(self, batch_size: int, seed: int | None = None) -> np.ndarray:
+        return self.data[f"seed{self.seeds[0] if seed is None else seed}/order_{batch_size}"]
 
 
-def prepare(cfg: CompareConfig, spec: ModelSpec) -> Job:
+def prepare(cfg: CompareConfig, spec: ModelSpec, seeds: list[int] | None = None) -> Job:
+    """Data, and for each seed (default: ``cfg.seed``) the initial weights and the batch order of every batch size."""
     ds, x, y, x_test, _ = load_data(spec, cfg.data_dir)
     batch_sizes = cfg.batch_sizes or list(spec.batch_sizes)
-    weights = init_weights(spec, cfg.seed)
+    seeds = [cfg.seed] if seeds is None else list(seeds)
     probe_src = x_test if x_test is not None else x
     data = {"x": x, "y": y, "probe_x": probe_src[: min(100, len(probe_src))]}
-    for b in batch_sizes:
-        data[f"order_{b}"] = batch_order(len(x), b, cfg.steps, cfg.seed, spec.shuffle)
-    for j, w in enumerate(weights):
-        data[f"w/{j}"] = w
-    return Job(spec, ds.source, weights, data, batch_sizes)
+    first = None
+    for seed in seeds:
+        weights = init_weights(spec, seed)
+        first = first or weights
+        for b in batch_sizes:
+            data[f"seed{seed}/order_{b}"] = batch_order(len(x), b, cfg.steps, seed, spec.shuffle)
+        for j, w in enumerate(weights):
+            data[f"seed{seed}/w/{j}"] = w
+    return Job(spec, ds.source, first, data, batch_sizes, seeds)
 
 
 # ------------------------------------------------------------------------------------------------------ subprocesses
@@ -208,36 +217,66 @@ def _tail(text: str, lines: int = 15) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def run_backend(backend: str, job: Job, runs: list[dict], options: dict, timeout: float,
-                work_dir: Path) -> list[dict]:
-    """Run ``backend`` on ``runs`` in one subprocess; one row per run (status ok/skipped/error/diverged/...)."""
+def run_backend(backend: str, job: Job, runs: list[dict], options: dict, timeout: float, work_dir: Path,
+                on_row: Callable[[dict], dict] | None = None) -> list[dict]:
+    """Run ``backend`` on ``runs`` in one subprocess; one row per run (status ok/skipped/error/diverged/...).
+
+    Rows are read as the worker finishes them; ``on_row(row)`` sees each one as soon as it is written (a long sweep
+    judges it and drops its arrays there) and returns the row to keep."""
+    on_row = on_row or (lambda r: r)
     base = {"backend": backend, "dtype": options["dtype"], "mode": options["mode"], "fast": bool(options.get("fast"))}
     missing = backends.missing_requirements(backend)
     if missing:
         reason = f"not installed ({', '.join(missing)}): {backends.install_hint(backend)}"
-        return [{**base, **r, "status": Status.SKIPPED, "reason": reason} for r in runs]
+        return [on_row({**base, **_run_fields(r), "status": Status.SKIPPED, "reason": reason}) for r in runs]
     job_dir = Path(tempfile.mkdtemp(prefix=f"{backend}-", dir=work_dir))
     (job_dir / "job.pkl").write_bytes(pickle.dumps({"backend": backend, "spec": job.spec, "runs": runs,
                                                     "options": options}))
     np.savez(job_dir / "data.npz", **job.data)
     cmd = [sys.executable, "-m", "harness.worker", str(job_dir)]
     env = subprocess_env(backend, options["dtype"], options.get("threads"))
-    proc = subprocess.Popen(cmd, env=env, cwd=str(PROJECT_ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    rows: dict[int, dict] = {}
+
+    def take_ready() -> None:  # the worker finishes runs in order
+        skipped = _head(job_dir).get("status") == Status.SKIPPED
+        for i in range(len(rows), len(runs)):
+            if not (skipped or (job_dir / f"run-{i}.json").exists()):
+                break
+            rows[i] = on_row(_collect_one(job_dir, base, i, runs[i]))
+
+    def rest(status: Status, reason: str) -> list[dict]:
+        for i, run in enumerate(runs):
+            if i not in rows:
+                rows[i] = on_row({**base, **_run_fields(run), "status": status, "reason": reason})
+        shutil.rmtree(job_dir, ignore_errors=True)
+        return [rows[i] for i in range(len(runs))]
+
+    with open(job_dir / "stdout.txt", "w") as out, open(job_dir / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(cmd, env=env, cwd=str(PROJECT_ROOT), stdout=out, stderr=err, text=True,
+                                start_new_session=True)
     crash = None
+    deadline = time.monotonic() + timeout
     try:
-        out, err = proc.communicate(timeout=timeout)
-        if proc.returncode != 0:
+        while True:
+            finished = proc.poll() is not None
+            take_ready()
+            if finished:
+                break
+            if time.monotonic() > deadline:
+                _kill(proc)
+                take_ready()
+                crash = f"timeout: no result after {timeout:g} s (raise it with --timeout)"
+                break
+            time.sleep(0.05)
+        if crash is None and proc.returncode != 0:
             sig = -proc.returncode if proc.returncode < 0 else None
             what = f"killed by signal {signal.Signals(sig).name}" if sig else f"exit code {proc.returncode}"
-            crash = f"subprocess {what}; stderr tail:\n{_tail(err)}"
-    except subprocess.TimeoutExpired:
-        _kill(proc)
-        crash = f"timeout: no result after {timeout:g} s (raise it with --timeout)"
+            crash = f"subprocess {what}; stderr tail:\n{_tail((job_dir / 'stderr.txt').read_text(errors='replace'))}"
     except KeyboardInterrupt:
         _kill(proc)
-        raise Interrupted(_collect(job_dir, base, runs, None, interrupted=True)) from None
-    return _collect(job_dir, base, runs, crash)
+        take_ready()
+        raise Interrupted(rest(Status.INTERRUPTED, "interrupted by the user (Ctrl-C)")) from None
+    return rest(Status.ERROR, crash or "the subprocess exited normally but wrote no result for this run")
 
 
 class Interrupted(Exception):
@@ -263,54 +302,139 @@ def as_status(word: str) -> Status:
     return OLD_STATUS_WORDS.get(word) or Status(word)
 
 
-def _collect(job_dir: Path, base: dict, runs: list[dict], crash: str | None, interrupted: bool = False) -> list[dict]:
-    """One row per run from what the worker wrote; a run with no result is ERROR (``crash`` says why) or, after
-    Ctrl-C, INTERRUPTED."""
+def _run_fields(run: dict) -> dict:
+    """What a row says about its run: batch size, device, seed, and for the oracle's variants their dtype/rounding."""
+    out = {"batch_size": run["batch_size"], "device": run["device"], "seed": run.get("seed")}
+    if "dtype" in run:
+        out["dtype"] = run["dtype"]
+    if "variant" in run:
+        out["variant"] = run["variant"]
+    return out
+
+
+def _head(job_dir: Path) -> dict:
     import json
 
-    head_path = job_dir / "worker.json"
-    head = json.loads(head_path.read_text()) if head_path.exists() else {}
-    rows = []
-    for i, run in enumerate(runs):
-        row = {**base, "batch_size": run["batch_size"], "device": run["device"], "version": head.get("version"),
-               "env": head.get("env")}
-        meta_path = job_dir / f"run-{i}.json"
-        if head.get("status") == Status.SKIPPED:
-            row.update(status=Status.SKIPPED, reason=head["reason"])
-        elif meta_path.exists():
-            meta = json.loads(meta_path.read_text())
-            row.update(status=as_status(meta.pop("status")), reason=meta.pop("reason", None), meta=meta)
-            npz = job_dir / f"run-{i}.npz"
-            if npz.exists():
-                with np.load(npz) as f:
-                    row["arrays"] = {k: f[k] for k in f.files}
-        elif interrupted:
-            row.update(status=Status.INTERRUPTED, reason="interrupted by the user (Ctrl-C)")
-        else:
-            row.update(status=Status.ERROR, reason=crash or "the subprocess exited normally but wrote no result for "
-                                                            "this run")
-        rows.append(row)
-    shutil.rmtree(job_dir, ignore_errors=True)
-    return rows
+    path = job_dir / "worker.json"
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError:  # written atomically; only a foreign file could be half-written
+        return {}
+
+
+def _collect_one(job_dir: Path, base: dict, i: int, run: dict) -> dict:
+    """The row of run ``i`` from what the worker wrote (its JSON and NPZ are removed once read)."""
+    import json
+
+    head = _head(job_dir)
+    row = {**base, **_run_fields(run), "version": head.get("version"), "env": head.get("env")}
+    meta_path = job_dir / f"run-{i}.json"
+    if head.get("status") == Status.SKIPPED:
+        row.update(status=Status.SKIPPED, reason=head["reason"])
+        return row
+    meta = json.loads(meta_path.read_text())
+    row.update(status=as_status(meta.pop("status")), reason=meta.pop("reason", None), meta=meta)
+    npz = job_dir / f"run-{i}.npz"
+    if npz.exists():
+        with np.load(npz) as f:
+            row["arrays"] = {k: f[k] for k in f.files}
+        npz.unlink()
+    return row
 
 
 # ------------------------------------------------------------------------------------------------------- comparison
-def judge(spec: ModelSpec, dtype: str, row: dict, oracle: dict | None) -> None:
+def variants_for(spec: ModelSpec, dtype: str, batch_size: int) -> list[str]:
+    """The oracle's rounding variants whose spread is the envelope (``backends.numpy_scratch.ROUNDING_VARIANTS``);
+    "plain" is the oracle's own code in ``dtype`` (in float64 that is the oracle itself: left out).  A variant that
+    would compute the very same bits is left out too (batch order at batch 1, Adam's order for SGD)."""
+    names = [] if dtype == "float64" else ["plain"]
+    names.append("blocked")
+    if batch_size > 1:
+        names.append("reversed")
+    if isinstance(spec.optimizer, Adam):
+        names.append("adam_order")
+    return names
+
+
+@dataclass
+class Oracle:
+    """The float64 oracle of every (seed, batch size) and the rounding envelope around it in the compared dtype."""
+
+    rows: dict[tuple[int, int], dict]  # (seed, batch size) -> the float64 oracle's row (with its arrays)
+    references: dict[tuple[int, int], agreement.Reference]
+    problems: list[str]  # oracle or variant runs that did not finish (their checks are then missing or unbounded)
+
+    def reference(self, row: dict) -> agreement.Reference | None:
+        return self.references.get((row.get("seed"), row["batch_size"]))
+
+
+def run_oracle(job: Job, dtype: str, steps: int, check_every: int, options: dict, timeout: float, work: Path,
+               progress: Callable[[str], None] = lambda s: None) -> Oracle:
+    """One subprocess: the float64 oracle and its rounding variants in ``dtype``, for every seed and batch size of
+    ``job``; the variants' arrays are reduced to the envelope as soon as they arrive."""
+    spec = job.spec
+    runs = []
+    for seed in job.seeds:
+        for b in job.batch_sizes:
+            common = {"seed": seed, "batch_size": b, "device": "cpu", "steps": steps, "check_every": check_every}
+            runs.append({**common, "dtype": "float64"})
+            runs += [{**common, "dtype": dtype, "variant": v, "extra": {"rounding": "" if v == "plain" else v}}
+                     for v in variants_for(spec, dtype, b)]
+    oracle = Oracle({}, {}, [])
+    pending: dict[tuple[int, int], dict] = {}
+
+    def on_row(row: dict) -> dict:
+        key = (row["seed"], row["batch_size"])
+        if row.get("variant") is None:
+            pending[key] = {"oracle": row, "variants": {}}
+            if row["status"] != Status.OK:
+                oracle.problems.append(f"oracle seed {key[0]} batch {key[1]}: {row['status']}: {row.get('reason')}")
+            return row
+        pending[key]["variants"][row["variant"]] = row
+        if row["status"] != Status.OK:
+            oracle.problems.append(f"oracle variant {row['variant']} ({dtype}) seed {key[0]} batch {key[1]}: "
+                                   f"{row['status']}: {row.get('reason')}")
+        if len(pending[key]["variants"]) == len(variants_for(spec, dtype, key[1])):
+            done = pending.pop(key)
+            o = done["oracle"]
+            oracle.rows[key] = o
+            if o["status"] == Status.OK:
+                good = {v: r["arrays"] for v, r in done["variants"].items() if r["status"] == Status.OK}
+                oracle.references[key] = agreement.build_reference(spec, dtype, o["arrays"], good)
+        return {k: v for k, v in row.items() if k != "arrays"}
+
+    progress(f"oracle: numpy float64 and its rounding variants in {dtype} ({len(runs)} runs: seeds {_span(job.seeds)}, "
+             f"batch sizes {job.batch_sizes})")
+    run_backend(ORACLE, job, runs, {**options, "dtype": "float64", "mode": "aligned", "fast": False, "extra": {}},
+                timeout, work, on_row)
+    for p in oracle.problems:
+        progress(f"  {p}")
+    return oracle
+
+
+def _span(seeds: list[int]) -> str:
+    return f"{seeds[0]}..{seeds[-1]}" if len(seeds) > 2 else ", ".join(map(str, seeds))
+
+
+def judge(spec: ModelSpec, row: dict, oracle: Oracle) -> None:
     """Turn a finished run into pass / fail / diverged with its checks (in place)."""
-    nonfinite = agreement.first_nonfinite(spec, row.get("arrays", {})) if row["status"] in ("ok", "diverged") else None
-    if row["status"] == "diverged" or nonfinite:
-        row["status"] = "diverged"
+    arrays = row.get("arrays", {})
+    nonfinite = agreement.first_nonfinite(spec, arrays) if row["status"] in (Status.OK, Status.DIVERGED) else None
+    if row["status"] == Status.DIVERGED or nonfinite:
+        row["status"] = Status.DIVERGED
         row["reason"] = nonfinite or row.get("reason")
         return
-    if row["status"] != "ok":
+    if row["status"] != Status.OK:
         return
-    checks = agreement.invariance_checks(spec, dtype, row["arrays"])
-    if oracle is None or oracle.get("status") != "ok":
-        row["status"] = "failed"
-        row["reason"] = "no oracle run to compare with" + (f" ({oracle.get('reason')})" if oracle else "")
+    ref = oracle.reference(row)
+    if ref is None:
+        o = oracle.rows.get((row.get("seed"), row["batch_size"]))
+        row["status"] = Status.ERROR
+        row["reason"] = "no oracle run to compare with" + (f" ({o['status']}: {o.get('reason')})" if o else "")
         return
-    checks += agreement.compare_runs(spec, dtype, row["arrays"], oracle["arrays"])
+    checks = agreement.invariance_checks(spec, ref, arrays) + agreement.compare_runs(spec, ref, arrays)
     summary = agreement.summarize(checks)
+    summary["variants"] = ref.variants
     row["checks"] = [c.as_dict() for c in checks if c.ok is False][:50]  # the failing ones; worst kept in summary
     row["agreement"] = summary
     row["status"] = summary["status"]
@@ -318,7 +442,7 @@ def judge(spec: ModelSpec, dtype: str, row: dict, oracle: dict | None) -> None:
         row["reason"] = agreement.describe_failure(summary["first_failure"])
     if row["mode"] == "native":
         # the defaults audit: a native row is expected to part from the spec; say whether and how far
-        row["status"] = "matches spec" if summary["status"] == "pass" else "differs"
+        row["status"] = Status.MATCHES if summary["status"] == Status.PASS else Status.DIFFERS
         diffs = ((row.get("meta") or {}).get("info") or {}).get("native_differences")
         if diffs is not None:
             row["native_differences"] = diffs
@@ -338,24 +462,20 @@ def compare(cfg: CompareConfig, progress: Callable[[str], None] = lambda s: None
               "started": time.time()}
     with tempfile.TemporaryDirectory(prefix="dlcompare-") as tmp:
         work = Path(tmp)
+        oracle = Oracle({}, {}, [])
         try:
-            progress(f"oracle: numpy float64 at batch sizes {job.batch_sizes}")
-            oracle_runs = [{"batch_size": b, "device": "cpu", "steps": cfg.steps, "check_every": cfg.check_every}
-                           for b in job.batch_sizes]
-            oracle_rows = run_backend(ORACLE, job, oracle_runs, {**options, "dtype": "float64", "mode": "aligned",
-                                                                   "fast": False}, cfg.timeout, work)
-            result["oracle"] = {r["batch_size"]: r for r in oracle_rows}
-            for r in oracle_rows:
-                if r["status"] != "ok":
-                    progress(f"  oracle batch {r['batch_size']}: {r['status']}: {r.get('reason')}")
+            oracle = run_oracle(job, dtype, cfg.steps, cfg.check_every, options, cfg.timeout, work, progress)
+            result["oracle"] = {b: r for (_, b), r in oracle.rows.items()}
+            result["envelope_variants"] = sorted({v for ref in oracle.references.values() for v in ref.variants})
             for i, b in enumerate(cfg.backends, 1):
                 t = time.perf_counter()
                 progress(f"[{i}/{len(cfg.backends)}] {b} ...")
-                runs = [{"batch_size": bs, "device": d, "steps": cfg.steps, "check_every": cfg.check_every,
-                         "timing": timing, "repeat": cfg.repeat} for d in devices for bs in job.batch_sizes]
+                runs = [{"seed": cfg.seed, "batch_size": bs, "device": d, "steps": cfg.steps,
+                         "check_every": cfg.check_every, "timing": timing, "repeat": cfg.repeat}
+                        for d in devices for bs in job.batch_sizes]
                 rows = run_backend(b, job, runs, options, cfg.timeout, work)
                 for row in rows:
-                    judge(spec, dtype, row, result["oracle"].get(row["batch_size"]))
+                    judge(spec, row, oracle)
                     timing_ = (row.get("meta") or {}).get("timing")
                     if timing_:  # an epoch = the full batches of the training set
                         timing_["epoch_s"] = timing_["median_s"] * (len(job.data["x"]) // row["batch_size"])
@@ -365,27 +485,28 @@ def compare(cfg: CompareConfig, progress: Callable[[str], None] = lambda s: None
                          + f" ({time.perf_counter() - t:.1f} s)")
         except Interrupted as e:
             for row in e.rows:
-                if row["status"] == "ok":
-                    judge(spec, dtype, row, result["oracle"].get(row["batch_size"]))
+                judge(spec, row, oracle)
             result["rows"] += e.rows
             result["interrupted"] = True
         except KeyboardInterrupt:
             result["interrupted"] = True
-    result["pairs"] = pairwise(spec, dtype, result["rows"])
+    result["pairs"] = pairwise(spec, result["rows"], oracle)
     result["finished"] = time.time()
     return result
 
 
-def pairwise(spec: ModelSpec, dtype: str, rows: list[dict]) -> list[dict]:
-    """Every pair of finished rows at the same batch size and device: worst scaled error of losses and weights."""
-    done = [r for r in rows if "arrays" in r and r["status"] not in ("failed", "skipped", "diverged")]
+def pairwise(spec: ModelSpec, rows: list[dict], oracle: Oracle) -> list[dict]:
+    """Every pair of finished rows at the same batch size and device: worst scaled error over everything compared,
+    and whether the two agree within twice the rounding bound (each may sit anywhere in its own)."""
+    done = [r for r in rows if "arrays" in r and r["status"] in (Status.PASS, Status.FAIL, Status.MATCHES,
+                                                                   Status.DIFFERS)]
     out = []
     for i, a in enumerate(done):
         for b in done[i + 1:]:
-            if (a["batch_size"], a["device"]) != (b["batch_size"], b["device"]):
+            ref = oracle.reference(a)
+            if (a["batch_size"], a["device"]) != (b["batch_size"], b["device"]) or ref is None:
                 continue
-            checks = agreement.compare_runs(spec, dtype, a["arrays"], b["arrays"])
-            s = agreement.summarize(checks)
+            s = agreement.summarize(agreement.compare_runs(spec, ref, a["arrays"], b["arrays"]))
             out.append({"a": a["backend"], "b": b["backend"], "batch_size": a["batch_size"], "device": a["device"],
                         "status": s["status"], "worst": max(s["worst"].values(), default=0.0),
                         "first_failure": s["first_failure"]})

@@ -50,10 +50,12 @@ def run_one(mod, spec, weights, data, run: dict, options) -> tuple[dict, dict]:
     """Train one backend for ``run['steps']`` steps at one batch size; returns (arrays, metadata)."""
     from backends.base import BuildOptions
 
-    opts = BuildOptions(**{**options, "device": run["device"]})
+    # a run may override the job's dtype and options (the oracle's rounding variants run in the compared dtype)
+    opts = BuildOptions(**{**options, "device": run["device"], "dtype": run.get("dtype", options["dtype"]),
+                           "extra": {**options.get("extra", {}), **run.get("extra", {})}})
     dtype = np.dtype(opts.dtype)
     il = spec.loss.integer_labels
-    order = data[f"order_{run['batch_size']}"]
+    order = data[f"seed{run['seed']}/order_{run['batch_size']}"]
     steps = int(run["steps"])
     check_every = int(run["check_every"])
     probe_x = data["probe_x"].astype(dtype)
@@ -204,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     status_path = job_dir / "worker.json"
     import backends
     from backends.base import Unsupported
+    from harness.status import Status
 
     head = {"backend": job["backend"], "python": platform.python_version(), "pid": os.getpid(),
             "env": environment_flags()}
@@ -212,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         head["version"] = mod.probe()
         head["devices"] = mod.devices()
     except ImportError as e:
-        head.update(status="skipped", reason=f"not installed ({e}); {backends.install_hint(job['backend'])}")
+        head.update(status=Status.SKIPPED, reason=f"not installed ({e}); {backends.install_hint(job['backend'])}")
         _atomic_write_json(status_path, head)
         return 0
     _atomic_write_json(status_path, head)
@@ -220,9 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     with np.load(job_dir / "data.npz") as f:
         data = {k: f[k] for k in f.files}
     spec = job["spec"]
-    weights = [data[f"w/{j}"] for j in range(len(spec.param_shapes()))]
+    n_params = len(spec.param_shapes())
     if job.get("kind") == "train":
-        train(mod, spec, weights, data, job)
+        train(mod, spec, [data[f"w/{j}"] for j in range(n_params)], data, job)
         return 0
     for i, run in enumerate(job["runs"]):
         out = job_dir / f"run-{i}"
@@ -230,14 +233,15 @@ def main(argv: list[str] | None = None) -> int:
             if run["device"] not in head["devices"]:
                 raise Unsupported(f"no {run['device'].upper()} device" if run["device"] == "cuda"
                                   else f"device {run['device']} not available")
-            arrays, meta = run_one(mod, spec, [w.copy() for w in weights], data, run, job["options"])
-            meta["status"] = "diverged" if "diverged_at" in meta else "ok"
+            weights = [data[f"seed{run['seed']}/w/{j}"].copy() for j in range(n_params)]
+            arrays, meta = run_one(mod, spec, weights, data, run, job["options"])
+            meta["status"] = Status.DIVERGED if "diverged_at" in meta else Status.OK
         except Unsupported as e:
-            arrays, meta = {}, {"status": "skipped", "reason": str(e)}
-        except Exception as e:  # a failing backend becomes a failed row, never a crash of the harness
+            arrays, meta = {}, {"status": Status.SKIPPED, "reason": str(e)}
+        except Exception as e:  # a crashing backend becomes an error row, never a crash of the harness
             arrays = {}
-            meta = {"status": "failed", "reason": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-        meta.update(batch_size=run["batch_size"], device=run["device"])
+            meta = {"status": Status.ERROR, "reason": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        meta.update(batch_size=run["batch_size"], device=run["device"], seed=run["seed"])
         if arrays:
             _atomic_write_npz(out.with_suffix(".npz"), arrays)
         _atomic_write_json(out.with_suffix(".json"), meta)
