@@ -7,9 +7,14 @@ Layouts are the canonical ones as they are: ``jnp.dot`` on ``(in, out)`` kernels
   NumPy oracle (checked by ``tests/test_backend_torch_jax.py`` on the device JAX runs on; ties are common on MNIST:
   saturated pixels give identical patches and so identical positive conv outputs).
 * ReLU is ``jax.nn.relu`` (gradient 0 at 0, like the oracle; ``jnp.maximum(z, 0)`` would give 0.5 there).
-* Aligned losses are the spec's stable formulas from logits, written out; Adam is written by hand in the spec's order
-  (``m += (g - m)*(1-b1)``, ``v += (g*g - v)*(1-b2)``, eps_hat ``p -= (m*alpha)/(sqrt(v) + eps)``) with
-  ``alpha_t = lr*sqrt(1-b2^t)/(1-b1^t)`` computed in double on the host and passed in (a traced scalar: no retrace).
+* Aligned losses are the spec's stable formulas from logits, written out.
+* Aligned optimizers: the built-in ``optax.sgd(lr)`` (``p + (-lr*g)``: the spec's ``p - lr*g`` exactly) and, for the
+  ``eps_v_hat`` convention, the built-in ``optax.adam(lr, b1, b2, eps=spec.epsilon)`` (optax adds eps to
+  ``sqrt(v_hat)``; its bias corrections ``1 - b**count`` are float64 under ``jax_enable_x64``).  For ``eps_hat``, which
+  no optax optimizer computes with a constant eps, Adam is written by hand in the spec's order (``m += (g - m)*(1-b1)``,
+  ``v += (g*g - v)*(1-b2)``, ``p -= (m*alpha)/(sqrt(v) + eps)``) with ``alpha_t = lr*sqrt(1-b2^t)/(1-b1^t)`` computed
+  in double on the host and passed in (a traced scalar: no retrace).  ``info["optimizer"]`` says which ran:
+  ``"built-in optax.adam"`` or ``"hand-written, spec convention (eps_hat)"``.
 * Aligned mode asks for ``Precision.HIGHEST`` on every dot/conv (no TF32 / bf16 passes on GPUs; no effect on CPU).
 * float64 needs ``jax_enable_x64`` at start-up (the harness sets ``JAX_ENABLE_X64=1`` for float64 runs); a float64
   run without it raises ``Unsupported``.
@@ -22,7 +27,7 @@ Every jitted function is lowered and compiled ahead of time on first use per inp
 Fast mode: ``train_steps`` runs ``lax.scan`` over the whole stack of batches in one compiled call instead of a Python
 loop over the jitted step (same step function inside; see the test for the agreement).
 
-Native mode: ``optax.adam`` / ``optax.sgd`` with their defaults (Adam eps 1e-8 added to ``sqrt(v_hat)``),
+Native mode: the built-in ``optax.adam`` / ``optax.sgd`` with their defaults (Adam eps 1e-8 added to ``sqrt(v_hat)``),
 ``optax.sigmoid_binary_cross_entropy`` / ``optax.softmax_cross_entropy_with_integer_labels`` (already stable from
 logits, like the spec), XLA's default matmul precision.
 """
@@ -195,13 +200,30 @@ class Model(ModelBase):
                                  f"{options.threads}" if options.threads else "XLA default",
                       "precision": "XLA default" if self.native else "HIGHEST"}
 
-        if self.native:
-            import optax
-
-            loss_of_out = native_loss(spec)
-            tx = optax.sgd(opt.lr) if isinstance(opt, SGD) else optax.adam(opt.lr, b1=opt.beta1, b2=opt.beta2)
+        self.builtin_opt = self.native or isinstance(opt, SGD) or opt.convention == "eps_v_hat"
+        if self.builtin_opt:
+            try:
+                import optax
+            except ImportError:
+                raise Unsupported("optax is not installed (the built-in optimizers): pip install '.[jax]'") from None
+            if isinstance(opt, SGD):
+                tx = optax.sgd(opt.lr)
+                info["optimizer"] = "built-in optax.sgd"
+            elif self.native:
+                tx = optax.adam(opt.lr, b1=opt.beta1, b2=opt.beta2)
+                info["optimizer"] = "built-in optax.adam; optax's defaults (eps=1e-08, eps_v_hat)"
+            else:  # eps_v_hat: what optax.adam computes, with the spec's eps
+                tx = optax.adam(opt.lr, b1=opt.beta1, b2=opt.beta2, eps=opt.epsilon)
+                info["optimizer"] = "built-in optax.adam"
             self.opt_state = jax.device_put(tx.init(self.params), self.device)
-            info["optimizer"] = "optax.sgd" if isinstance(opt, SGD) else "optax.adam defaults (eps=1e-08, eps_v_hat)"
+
+            def update(params, state, grads, alpha):
+                del alpha
+                upd, state = tx.update(grads, state, params)
+                return optax.apply_updates(params, upd), state
+
+        if self.native:
+            loss_of_out = native_loss(spec)
             info["loss"] = {"sse": "jnp.sum((out - y)**2, -1)",
                             "binary_crossentropy": "optax.sigmoid_binary_cross_entropy",
                             "softmax_crossentropy": "optax.softmax_cross_entropy_with_integer_labels"}[spec.loss.kind]
@@ -212,44 +234,27 @@ class Model(ModelBase):
                 diffs.append(f"loss: optax's {spec.loss.kind} is already stable from logits: same as the spec")
             if options.device == "cuda":
                 diffs.append("matmul/conv precision: XLA default (float32 may use TF32 on the GPU)")
-
-            def update(params, state, grads, alpha):
-                del alpha
-                upd, state = tx.update(grads, state, params)
-                return optax.apply_updates(params, upd), state
         else:
             loss_of_out = aligned_loss(spec)
             info["loss"] = f"{spec.loss.kind} from logits (stable formula), {spec.loss.reduction} over the batch"
-            if isinstance(opt, SGD):
-                lr = dt(opt.lr)
-                self.opt_state = ()
-                info["optimizer"] = "SGD by hand: p - lr*g"
+        if not self.builtin_opt:  # aligned Adam, eps_hat: optax has no constant-eps form of it
+            b1c, b2c, eps = dt(1.0 - opt.beta1), dt(1.0 - opt.beta2), dt(opt.epsilon)
+            zeros = [np.zeros(p.shape, self.np_dtype) for p in self.params]
+            self.opt_state = jax.device_put((zeros, [z.copy() for z in zeros]), self.device)
+            info["optimizer"] = (f"hand-written, spec convention ({opt.convention}); optax.adam adds a constant eps "
+                                 "to sqrt(v_hat) (eps_v_hat)")
 
-                def update(params, state, grads, alpha):
-                    del alpha
-                    return [p - lr * g for p, g in zip(params, grads)], state
-            else:
-                b1c, b2c, eps = dt(1.0 - opt.beta1), dt(1.0 - opt.beta2), dt(opt.epsilon)
-                zeros = [np.zeros(p.shape, self.np_dtype) for p in self.params]
-                self.opt_state = jax.device_put((zeros, [z.copy() for z in zeros]), self.device)
-                info["optimizer"] = f"Adam by hand ({opt.convention} convention)"
-                eps_hat = opt.convention == "eps_hat"
-
-                def update(params, state, grads, alpha):
-                    # alpha: eps_hat -> lr*sqrt(1-b2^t)/(1-b1^t); eps_v_hat -> (lr/(1-b1^t), 1/(1-b2^t))
-                    ms, vs = state
-                    new_p, new_m, new_v = [], [], []
-                    for p, m, v, g in zip(params, ms, vs, grads):
-                        m = m + (g - m) * b1c
-                        v = v + (g * g - v) * b2c
-                        if eps_hat:
-                            p = p - (m * alpha) / (jnp.sqrt(v) + eps)
-                        else:
-                            p = p - (m * alpha[0]) / (jnp.sqrt(v * alpha[1]) + eps)
-                        new_p.append(p)
-                        new_m.append(m)
-                        new_v.append(v)
-                    return new_p, (new_m, new_v)
+            def update(params, state, grads, alpha):
+                # alpha = lr*sqrt(1-b2^t)/(1-b1^t), computed on the host in double
+                ms, vs = state
+                new_p, new_m, new_v = [], [], []
+                for p, m, v, g in zip(params, ms, vs, grads):
+                    m = m + (g - m) * b1c
+                    v = v + (g * g - v) * b2c
+                    new_p.append(p - (m * alpha) / (jnp.sqrt(v) + eps))
+                    new_m.append(m)
+                    new_v.append(v)
+                return new_p, (new_m, new_v)
 
         def loss_fn(params, x, y):
             return loss_of_out(forward(spec, params, x, precision), y)
@@ -298,14 +303,13 @@ class Model(ModelBase):
         return [p[0] for p in pairs], [p[1] for p in pairs]
 
     def _alpha(self, t: int):
-        """The host-side per-step scalar(s) of the update, computed in double then cast once."""
+        """The hand-written eps_hat Adam's per-step scalar ``lr*sqrt(1-b2^t)/(1-b1^t)``, computed in double then cast
+        once (a dummy zero for the built-in optimizers, which keep their own step count)."""
         opt = self.spec.optimizer
-        if self.native or not isinstance(opt, Adam):
+        if self.builtin_opt:
             return np.zeros((), self.np_dtype)
         b1t, b2t = opt.beta1**t, opt.beta2**t
-        if opt.convention == "eps_hat":
-            return np.asarray(opt.lr * np.sqrt(1.0 - b2t) / (1.0 - b1t), self.np_dtype)
-        return np.asarray([opt.lr / (1.0 - b1t), 1.0 / (1.0 - b2t)], self.np_dtype)
+        return np.asarray(opt.lr * np.sqrt(1.0 - b2t) / (1.0 - b1t), self.np_dtype)
 
     def _note_trace(self) -> None:
         if "trace_s" not in self.info:

@@ -4,9 +4,14 @@
 Layouts: TensorFlow's own are the canonical ones (dense ``(in, out)``, conv HWIO via ``tf.nn.conv2d`` NHWC, flatten in
 (h, w, c) order), so weights go in and come out as they are: no conversion anywhere.
 
-Aligned mode: ``GradientDescentOptimizer`` / ``AdamOptimizer`` (whose fused ``ApplyAdam`` kernel is the eps-hat form
-in Keras' order), every hyperparameter given as a ``tf.constant`` of the run's dtype; the losses from logits with the
-fused stable ``tf.nn`` ops.  A spec asking for the ``eps_v_hat`` convention gets the update written with TF ops.
+Aligned mode: the built-in ``GradientDescentOptimizer`` and, for the spec's ``eps_hat`` convention, the built-in
+``AdamOptimizer`` (its fused ``ApplyAdam`` kernel is the eps-hat form in Keras' order: ``alpha = lr*sqrt(1-b2^t)/(1-b1^t)``,
+``m += (g - m)*(1-b1)``, ``v += (g*g - v)*(1-b2)``, ``var -= m*alpha/(sqrt(v) + eps)``; the beta powers are accumulated
+by one multiplication per step, not ``pow``), every hyperparameter given as a ``tf.constant`` of the run's dtype; the
+losses from logits with the fused stable ``tf.nn`` ops.  ``AdamOptimizer`` has no ``eps_v_hat`` form (a constant eps
+added to ``sqrt(v)``), so a spec asking for that convention gets the update written with TF ops
+(``tf2_tape.adam_update``).  ``info["optimizer"]`` says which ran: ``"built-in tf.compat.v1.train.AdamOptimizer"`` or
+``"hand-written, spec convention (eps_v_hat)"``.
 Native mode is the optimizer as a TF1 tutorial writes it: Python-float hyperparameters and ``AdamOptimizer``'s default
 epsilon 1e-8.
 
@@ -102,22 +107,27 @@ class Model(ModelBase):
                     diffs.append(f"Adam epsilon convention eps_hat (spec {opt.convention})")
                 if dtype == tf.float64:
                     diffs.append("Adam beta powers accumulated in float32 variables (beta1^t, beta2^t)")
-                self.info["optimizer"] = f"tf.compat.v1.train.AdamOptimizer(learning_rate={fmt(opt.lr)}), defaults"
+                self.info["optimizer"] = (f"built-in tf.compat.v1.train.AdamOptimizer; AdamOptimizer(learning_rate="
+                                          f"{fmt(opt.lr)}), defaults otherwise")
             else:
                 o = v1.train.GradientDescentOptimizer(learning_rate=opt.lr)
-                self.info["optimizer"] = f"tf.compat.v1.train.GradientDescentOptimizer({fmt(opt.lr)})"
+                self.info["optimizer"] = (f"built-in tf.compat.v1.train.GradientDescentOptimizer; "
+                                          f"GradientDescentOptimizer({fmt(opt.lr)})")
             self.info["native_differences"] = [d for d in diffs if d]
             return o.apply_gradients(pairs)
         hp = hyper(opt, dtype)
         if not isinstance(opt, Adam):
-            self.info["optimizer"] = "tf.compat.v1.train.GradientDescentOptimizer (lr as a tensor of the run dtype)"
+            self.info["optimizer"] = ("built-in tf.compat.v1.train.GradientDescentOptimizer; learning rate a tensor of the "
+                                      "run dtype")
             return v1.train.GradientDescentOptimizer(learning_rate=hp["lr"]).apply_gradients(pairs)
         if opt.convention == "eps_hat":
-            self.info["optimizer"] = "tf.compat.v1.train.AdamOptimizer (hyperparameters as tensors of the run dtype)"
+            self.info["optimizer"] = ("built-in tf.compat.v1.train.AdamOptimizer; hyperparameters as tensors of the run "
+                                      "dtype")
             return v1.train.AdamOptimizer(learning_rate=hp["lr"], beta1=hp["beta1"], beta2=hp["beta2"],
                                           epsilon=hp["epsilon"]).apply_gradients(pairs)
         # AdamOptimizer has eps_hat only: write the eps_v_hat update with TF ops
-        self.info["optimizer"] = "Adam (eps_v_hat) written with TF ops: AdamOptimizer has eps_hat only"
+        self.info["optimizer"] = (f"hand-written, spec convention ({opt.convention}); AdamOptimizer adds a constant "
+                                  "eps to sqrt(v) (eps_hat) only")
         t = v1.Variable(np.int64(0), name="t")
         m = [v1.Variable(tf.zeros_like(p.initial_value), name="m") for p in self.params]
         v = [v1.Variable(tf.zeros_like(p.initial_value), name="v") for p in self.params]

@@ -3,13 +3,19 @@
 Layouts: TensorFlow's own are the canonical ones (dense ``(in, out)``, conv HWIO via ``tf.nn.conv2d`` NHWC, flatten in
 (h, w, c) order), so weights go in and come out as they are: no conversion anywhere.
 
-Aligned mode writes the optimizer with TF ops in Keras 3's order (``m += (g - m) * (1 - b1)``, ``v += (g*g - v) *
-(1 - b2)``, ``w -= (m * alpha) / (sqrt(v) + eps)`` with ``alpha = lr * sqrt(1 - b2^t) / (1 - b1^t)``, or the
-``eps_v_hat`` form when the spec asks), every hyperparameter a tensor of the run's dtype, and the losses from logits
-with the fused stable ops (``sigmoid_cross_entropy_with_logits``, ``sparse_softmax_cross_entropy_with_logits``).
-Native mode keeps the losses (``tf.nn`` on logits is what TF2 code writes) and swaps the optimizer for the one TF2
-tutorials use, ``tf.keras.optimizers.Adam`` / ``SGD`` with its default epsilon (1e-7), applied with
-``apply_gradients``.
+Aligned mode: the losses from logits with the fused stable ops (``sigmoid_cross_entropy_with_logits``,
+``sparse_softmax_cross_entropy_with_logits``) and the optimizers TF2 code uses, applied with ``apply_gradients``:
+the built-in ``tf.keras.optimizers.SGD`` (Keras 3's ``keras.optimizers.SGD``: ``w -= g * lr``) and, for the spec's
+``eps_hat`` convention, the built-in ``tf.keras.optimizers.Adam(learning_rate, beta_1, beta_2, epsilon)``, whose
+update (``keras/src/optimizers/adam.py``) *is* the eps_hat form in the oracle's order: ``m += (g - m) * (1 - b1)``,
+``v += (g*g - v) * (1 - b2)``, ``w -= (m * alpha) / (sqrt(v) + eps)`` with ``alpha = lr * sqrt(1 - b2^t) / (1 - b1^t)``,
+the powers taken in the variable's dtype.  The learning rate is given as a callable returning a tensor of the run's
+dtype: a float would live in a floatx (float32) variable, and SGD's 0.1 would become 0.10000000149 in a float64 run.
+Keras' Adam has no ``eps_v_hat`` form (eps is added to ``sqrt(v)``, not ``sqrt(v_hat)``, and is a constant), so a spec
+asking for it gets the update written with TF ops (:func:`adam_update`).  ``info["optimizer"]`` says which ran:
+``"built-in keras.optimizers.Adam"`` or ``"hand-written, spec convention (eps_v_hat)"``.
+Native mode keeps the losses (``tf.nn`` on logits is what TF2 code writes) and the same Keras optimizers, called as TF2
+tutorials call them: learning rate only, the defaults otherwise (Adam's epsilon 1e-7, Python-double betas).
 
 Quirks: a ``tf.function`` called with NumPy arrays of a new shape retraces (~55 ms a call); an ``input_signature``
 with a free batch dimension avoids that.  Threads can only be set before TensorFlow's runtime starts.
@@ -35,7 +41,7 @@ from .base import BuildOptions, Capabilities, ModelBase, Unsupported, fmt, one_m
 
 CAPABILITIES = Capabilities(
     devices=("cpu", "cuda"),
-    notes=("Adam/SGD written with TF ops under tf.function; native mode uses tf.keras.optimizers",),
+    notes=("tf.keras.optimizers SGD / Adam (eps_hat) applied under tf.function; eps_v_hat Adam written with TF ops",),
 )
 
 
@@ -151,10 +157,6 @@ def adam_update(params, grads, m, v, t, hp, convention):
     return updates
 
 
-def sgd_update(params, grads, hp):
-    return [p.assign_sub(hp["lr"] * g) for p, g in zip(params, grads)]
-
-
 def label_spec(spec: ModelSpec, dtype):
     if spec.loss.integer_labels:
         return tf.TensorSpec([None], tf.int64, name="y")
@@ -178,17 +180,18 @@ class Model(ModelBase):
         with tf.device(self.device):
             self.params = [tf.Variable(np.asarray(w, self.np_dtype), name=n)
                            for w, n in zip(weights, spec.param_names())]
+            self.keras_opt = None
             if options.mode == "native":
                 self._build_native_optimizer(opt)
-            else:
+            elif isinstance(opt, Adam) and opt.convention != "eps_hat":
                 self.hp = hyper(opt, self.dtype)
-                if isinstance(opt, Adam):
-                    self.t = tf.Variable(0, dtype=tf.int64, name="t")
-                    self.m = [tf.Variable(tf.zeros_like(p), name="m") for p in self.params]
-                    self.v = [tf.Variable(tf.zeros_like(p), name="v") for p in self.params]
-                    self.info["optimizer"] = f"Adam written with TF ops ({opt.convention}, Keras' order)"
-                else:
-                    self.info["optimizer"] = "SGD written with TF ops"
+                self.t = tf.Variable(0, dtype=tf.int64, name="t")
+                self.m = [tf.Variable(tf.zeros_like(p), name="m") for p in self.params]
+                self.v = [tf.Variable(tf.zeros_like(p), name="v") for p in self.params]
+                self.info["optimizer"] = (f"hand-written, spec convention ({opt.convention}); keras.optimizers.Adam "
+                                          "adds a constant eps to sqrt(v) (eps_hat) only")
+            else:
+                self._build_aligned_optimizer(opt)
         self.info["loss"] = "tf.nn ops on logits (stable formula)" if spec.loss.kind != "sse" else "sum of squares"
 
         x_sig = tf.TensorSpec([None, *spec.input_shape], self.dtype, name="x")
@@ -203,15 +206,30 @@ class Model(ModelBase):
         self.info.update(traced=True, trace_s=time.perf_counter() - t0, jit_compile=jit,
                          step_function="tf.function(jit_compile=True) (XLA)" if jit else "tf.function (no XLA)")
 
+    def _build_aligned_optimizer(self, opt) -> None:
+        """Keras' own SGD / Adam (eps_hat) with the spec's hyperparameters; the learning rate a tensor of the run's
+        dtype, returned by a callable (a float would become a floatx variable: float32 in a float64 run)."""
+        lr = tf.constant(opt.lr, dtype=self.dtype, name="lr")
+        if isinstance(opt, Adam):
+            self.keras_opt = tf.keras.optimizers.Adam(learning_rate=lambda: lr, beta_1=opt.beta1, beta_2=opt.beta2,
+                                                      epsilon=opt.epsilon)
+            self.info["optimizer"] = "built-in keras.optimizers.Adam"
+        else:
+            self.keras_opt = tf.keras.optimizers.SGD(learning_rate=lambda: lr)
+            self.info["optimizer"] = "built-in keras.optimizers.SGD"
+        self.info["optimizer"] += f"; via tf.keras, learning rate a {self.options.dtype} tensor"
+        self.keras_opt.build(self.params)  # its slots exist before tracing
+
     def _build_native_optimizer(self, opt) -> None:
         """What a TF2 tutorial writes: ``tf.keras.optimizers`` with their defaults, ``apply_gradients``."""
         dt = self.options.dtype
         if isinstance(opt, Adam):
             self.keras_opt = tf.keras.optimizers.Adam(learning_rate=opt.lr)
-            self.info["optimizer"] = f"tf.keras.optimizers.Adam(learning_rate={fmt(opt.lr)}), defaults otherwise"
+            self.info["optimizer"] = (f"built-in keras.optimizers.Adam; tf.keras.optimizers.Adam(learning_rate="
+                                      f"{fmt(opt.lr)}), defaults otherwise")
         else:
             self.keras_opt = tf.keras.optimizers.SGD(learning_rate=opt.lr)
-            self.info["optimizer"] = f"tf.keras.optimizers.SGD(learning_rate={fmt(opt.lr)})"
+            self.info["optimizer"] = f"built-in keras.optimizers.SGD; tf.keras.optimizers.SGD(learning_rate={fmt(opt.lr)})"
         self.keras_opt.build(self.params)  # its slots exist before tracing
         lr_var = self.keras_opt.learning_rate
         lr_dtype = np.dtype(getattr(lr_var, "dtype", "float64"))
@@ -236,13 +254,10 @@ class Model(ModelBase):
 
     def _step_py(self, x, y):
         loss, grads = self._loss_and_grads(x, y)
-        opt = self.spec.optimizer
-        if self.options.mode == "native":
+        if self.keras_opt is not None:
             self.keras_opt.apply_gradients(zip(grads, self.params))
-        elif isinstance(opt, Adam):
-            adam_update(self.params, grads, self.m, self.v, self.t, self.hp, opt.convention)
-        else:
-            sgd_update(self.params, grads, self.hp)
+        else:  # eps_v_hat Adam, written with TF ops
+            adam_update(self.params, grads, self.m, self.v, self.t, self.hp, self.spec.optimizer.convention)
         return loss  # computed before the update
 
     def _grads_py(self, x, y):

@@ -10,6 +10,11 @@ JAX and torch.
   ``gradients`` changes nothing; the ``tf.function`` is traced once and never again.
 * Keras ``fit`` and a ``train_on_batch`` loop give bit-identical weights, on every installed Keras backend (JAX and
   torch in a subprocess: a process has one Keras backend).
+* Aligned optimizers in this process: every built-in (``tf.compat.v1.train`` ``AdamOptimizer`` /
+  ``GradientDescentOptimizer``, ``keras.optimizers.Adam`` / ``SGD`` under tf2, also with XLA, and under the keras
+  backend) on the spec's own eps_hat Adam or SGD, and the other convention (eps_v_hat: hand-written in tf1 and tf2,
+  ``Unsupported`` in Keras), against the oracle over 12 steps of real data, per step, in float64 (1e-12) and float32;
+  ``info["optimizer"]`` names which ran.
 
 Runtime: about 2.5 minutes on 2 cores.
 """
@@ -40,9 +45,9 @@ def _installed(*modules: str) -> bool:
     return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
-def scaled_error(a, b) -> float:
+def scaled_error(a, b, floor: float = 1e-300) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    scale = max(np.max(np.abs(a)), np.max(np.abs(b)), 1e-300)
+    scale = max(np.max(np.abs(a)), np.max(np.abs(b)), floor)
     return float(np.max(np.abs(a - b)) / scale)
 
 
@@ -220,6 +225,80 @@ def test_tf2_traces_once_and_reports_it():
     assert np.allclose(fast.train_steps(xs, ys), tf2.Model(spec, init_weights(spec, 0),
                                                            BuildOptions(dtype="float32")).train_steps(xs, ys),
                        rtol=1e-5)
+
+
+# ------------------------------------------------------------------------- aligned optimizers against the oracle
+def with_convention(model: str, convention: str | None) -> ModelSpec:
+    """The built-in model with its Adam's epsilon convention replaced (``None``: the spec as it is)."""
+    spec = get_model(model)
+    if convention is None:
+        return spec
+    return spec.with_overrides(optimizer=dataclasses.replace(spec.optimizer, convention=convention))
+
+
+def optimizer_vs_oracle(mod, spec: ModelSpec, dtype: str, steps: int = 12, fast: bool = False) -> dict:
+    """``steps`` aligned steps of the backend module ``mod`` and of the NumPy float64 oracle from the same weights, on
+    the model's real data in the harness's batch order at the spec's larger batch size.  Returns
+    ``info["optimizer"]`` and the worst scaled error over the loss and every weight after every step (weights never
+    scaled by less than one learning rate, as in the harness: a bias passing through zero must not turn an ulp into a
+    failure; TF1's Pima output bias does at step 4)."""
+    w = init_weights(spec, 0)
+    _, x, y, _, _ = load_data(spec, None)
+    order = batch_order(len(x), spec.batch_sizes[-1], steps, 0, spec.shuffle)
+    m = mod.Model(spec, w, BuildOptions(dtype=dtype, fast=fast))
+    o = ref.Model(spec, w, BuildOptions(dtype="float64"))
+    worst = 0.0
+    for idx in order:
+        worst = max(worst, scaled_error(m.train_step(x[idx], y[idx]), o.train_step(x[idx], y[idx])))
+        for a, b in zip(m.get_weights(), o.get_weights(), strict=True):
+            worst = max(worst, scaled_error(a, b, floor=spec.optimizer.lr))
+    return {"optimizer": m.info["optimizer"], "worst": worst, "steps": len(order)}
+
+
+# (backend, model, Adam convention or None for the spec's SGD, what info["optimizer"] starts with, or Unsupported):
+# each built-in on the convention it follows exactly (eps_hat), and the other convention
+OPTIMIZER_CASES = [
+    ("tf1", "pima_mlp", "eps_hat", "built-in tf.compat.v1.train.AdamOptimizer"),
+    ("tf1", "mnist_mlp", "eps_hat", "built-in tf.compat.v1.train.AdamOptimizer"),
+    ("tf1", "pima_mlp", "eps_v_hat", "hand-written, spec convention (eps_v_hat)"),
+    ("tf1", "mlp_431", None, "built-in tf.compat.v1.train.GradientDescentOptimizer"),
+    ("tf2", "pima_mlp", "eps_hat", "built-in keras.optimizers.Adam"),
+    ("tf2", "mnist_mlp", "eps_hat", "built-in keras.optimizers.Adam"),
+    ("tf2", "pima_mlp", "eps_v_hat", "hand-written, spec convention (eps_v_hat)"),
+    ("tf2", "mlp_431", None, "built-in keras.optimizers.SGD"),
+    ("keras", "pima_mlp", "eps_hat", "built-in keras.optimizers.Adam"),
+    ("keras", "mnist_mlp", "eps_hat", "built-in keras.optimizers.Adam"),
+    ("keras", "pima_mlp", "eps_v_hat", Unsupported),
+    ("keras", "mlp_431", None, "built-in keras.optimizers.SGD"),
+]
+# measured over the 12 steps (this machine): float64 <= 1.6e-14 (TF1's AdamOptimizer, whose beta powers are products
+# accumulated step by step, not pow); float32 (vs the float64 oracle) <= 6.2e-6 (the same)
+OPTIMIZER_TOL = {"float64": 1e-12, "float32": 2e-5}
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("backend,model,convention,expected", OPTIMIZER_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{c[2] or 'sgd'}" for c in OPTIMIZER_CASES])
+def test_aligned_optimizer_matches_oracle(backend, model, convention, expected, dtype, request):
+    mod = _module(backend, request)
+    spec = with_convention(model, convention)
+    if expected is Unsupported:
+        with pytest.raises(Unsupported, match="eps_hat convention only"):
+            mod.Model(spec, init_weights(spec, 0), BuildOptions(dtype=dtype))
+        return
+    out = optimizer_vs_oracle(mod, spec, dtype)
+    assert out["steps"] == 12
+    assert out["optimizer"].startswith(expected), out
+    assert out["worst"] < OPTIMIZER_TOL[dtype], out
+
+
+def test_tf2_keras_adam_under_xla_matches_oracle():
+    """The built-in Keras Adam inside the ``tf.function(jit_compile=True)`` step (fast mode)."""
+    pytest.importorskip("tensorflow")
+    tf2 = importlib.import_module("backends.tf2_tape")
+    out = optimizer_vs_oracle(tf2, get_model("pima_mlp"), "float64", fast=True)
+    assert out["optimizer"].startswith("built-in keras.optimizers.Adam"), out
+    assert out["worst"] < OPTIMIZER_TOL["float64"], out
 
 
 # ------------------------------------------------------------------------------ Keras fit vs train_on_batch
