@@ -81,8 +81,23 @@ def _log_softmax(xp, z):
     return z - xp.log(xp.exp(z).sum(axis=-1, keepdims=True))
 
 
-def loss_and_grad(xp, spec: ModelSpec, out, y):
-    """Loss (reduced per spec) and d loss / d out, where ``out`` is the last layer's output (logits for the CEs)."""
+def _softmax(xp, z, divide=False):
+    """``exp(log_softmax(z))``, or with ``divide`` the other textbook form ``exp(z - max) / sum``: the same number,
+    rounded differently where it matters most (``p - 1`` of a saturated class cancels; frameworks use either)."""
+    if divide:
+        e = xp.exp(z - z.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+    return xp.exp(_log_softmax(xp, z))
+
+
+def _sigmoid_tanh(xp, z):
+    return 0.5 + 0.5 * xp.tanh(0.5 * z)  # the form XLA and some BLAS-backed libraries use
+
+
+def loss_and_grad(xp, spec: ModelSpec, out, y, alt_formula=False):
+    """Loss (reduced per spec) and d loss / d out, where ``out`` is the last layer's output (logits for the CEs).
+
+    ``alt_formula``: the gradient's sigmoid / softmax by the other equivalent formula (a rounding variant)."""
     n = out.shape[0]
     kind = spec.loss.kind
     if kind == "sse":
@@ -94,12 +109,12 @@ def loss_and_grad(xp, spec: ModelSpec, out, y):
         per_elem = xp.maximum(out, 0) - out * y + xp.log1p(xp.exp(-xp.abs(out)))
         k = out.shape[-1]
         per_sample = per_elem.mean(axis=-1)
-        grad = (_sigmoid(xp, out) - y) / k
+        grad = ((_sigmoid_tanh(xp, out) if alt_formula else _sigmoid(xp, out)) - y) / k
     else:  # softmax_crossentropy with integer labels
         logp = _log_softmax(xp, out)
         rows = xp.arange(n)
         per_sample = -logp[rows, y]
-        grad = xp.exp(logp)
+        grad = _softmax(xp, out, divide=True) if alt_formula else xp.exp(logp)
         grad[rows, y] -= 1
     if spec.loss.reduction == "mean":
         return per_sample.mean(), grad / n
@@ -223,12 +238,12 @@ def backward(xp, spec: ModelSpec, params, caches, dout, mm=_mm):
     return grads
 
 
-def predict_from_output(xp, spec: ModelSpec, out):
+def predict_from_output(xp, spec: ModelSpec, out, alt_formula=False):
     pred = spec.loss.prediction
     if pred == "sigmoid":
-        return _sigmoid(xp, out)
+        return _sigmoid_tanh(xp, out) if alt_formula else _sigmoid(xp, out)
     if pred == "softmax":
-        return xp.exp(_log_softmax(xp, out))
+        return _softmax(xp, out, divide=alt_formula)
     return out
 
 
@@ -240,6 +255,9 @@ ROUNDING_VARIANTS = {
     "blocked": "every matmul's inner dimension summed in two blocks",
     "reversed": "the samples of each batch in reverse order (batch sums in the other order)",
     "adam_order": "Adam's moments and update in torch.optim.Adam's order (m = b1*m + (1-b1)*g, alpha*(m/(sqrt(v)+eps)))",
+    "formula": "the loss gradient's and predictions' softmax as exp(z-max)/sum, sigmoid as 0.5+0.5*tanh(z/2)",
+    "mca": "Monte Carlo arithmetic: every matmul result and Adam moment multiplied by (1 + eps*U(-1, 1)), seeded by "
+           "the variant's name: the rounding of an implementation that sums in yet another order",
 }
 
 
@@ -265,6 +283,17 @@ class Model(ModelBase):
             raise ValueError(f"unknown rounding variant(s) {sorted(unknown)}; valid: {', '.join(ROUNDING_VARIANTS)}")
         self.rounding = rounding
         self.mm = _mm_blocked if "blocked" in rounding else _mm
+        self.perturb = None
+        if "mca" in rounding:  # Monte Carlo arithmetic: one random ulp on every matmul's result and every update
+            rng = np.random.default_rng([int(options.extra.get("mca_seed", 0)), *map(ord, "+".join(rounding))])
+            eps = np.finfo(self.dtype).eps
+
+            def perturb(a):
+                return a * (1 + eps * self.xp.asarray(rng.uniform(-1.0, 1.0, np.shape(a))).astype(a.dtype))
+
+            base = self.mm
+            self.mm = lambda a, b: perturb(base(a, b))
+            self.perturb = perturb
         self.info = {"optimizer": f"hand-written {type(opt).__name__}"
                      + (f" ({opt.convention} convention)" if isinstance(opt, Adam) else ""),
                      "array_module": self.xp.__name__}
@@ -281,7 +310,7 @@ class Model(ModelBase):
 
     def _loss_grads(self, x, y):
         out, caches = forward(self.xp, self.spec, self.params, x, keep=True, mm=self.mm)
-        loss, dout = loss_and_grad(self.xp, self.spec, out, y)
+        loss, dout = loss_and_grad(self.xp, self.spec, out, y, alt_formula="formula" in self.rounding)
         return loss, backward(self.xp, self.spec, self.params, caches, dout, mm=self.mm)
 
     def gradients(self, x, y):
@@ -308,6 +337,10 @@ class Model(ModelBase):
         b1t, b2t = b1**t, b2**t
         if opt.convention == "eps_hat":
             alpha = lr * xp.sqrt(1 - b2t) / (1 - b1t)
+        if self.perturb is not None:  # one random ulp on each moment, like an update rounded another way
+            for m, v in zip(self.m, self.v):
+                m[...] = self.perturb(m)
+                v[...] = self.perturb(v)
         if "adam_order" in self.rounding:  # the same update in torch.optim.Adam's order of operations
             for p, m, v, g in zip(self.params, self.m, self.v, grads):
                 m *= b1
@@ -330,7 +363,7 @@ class Model(ModelBase):
     def predict(self, x):
         x = self.xp.asarray(np.asarray(x, dtype=self.dtype))
         out, _ = forward(self.xp, self.spec, self.params, x, mm=self.mm)
-        return self._out(predict_from_output(self.xp, self.spec, out))
+        return self._out(predict_from_output(self.xp, self.spec, out, alt_formula="formula" in self.rounding))
 
     def get_weights(self):
         return [self._out(p) for p in self.params]

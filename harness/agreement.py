@@ -31,6 +31,8 @@ from .status import Status
 from .tolerances import policy
 
 Key = tuple[str, int, str]  # (quantity, step, tensor)
+EARLY = 10  # "within the first steps": planted bugs must be caught by this step (harness selftest)
+SET_FRACTION = 1e-3  # an element's rounding unit is never measured from less than this fraction of the set's scale
 
 
 @dataclass
@@ -39,25 +41,24 @@ class Check:
     step: int  # updates applied before the observation (0 = initial weights)
     tensor: str  # parameter name, "loss", "probe"
     error: float  # scaled error max|a-b| / max(max|a|, max|b|) (for the tables)
-    max_abs: float  # max|a-b|: what the verdict compares with the bound
-    bound: float | None  # multiple * envelope + floor; None: not compared
-    envelope: float | None  # the rounding envelope at this check (largest variant distance to the oracle)
+    max_abs: float  # max|a-b|
+    ulps: float  # the verdict's measure: max over elements of |a-b| in rounding units of the element (see units())
+    bound: float | None  # multiple(step) * envelope + floor, in the same units; None: not compared
+    envelope: float | None  # the rounding envelope at this check (largest variant distance to the oracle), in units
     why: str = ""
 
     @property
     def ok(self) -> bool | None:
         if self.bound is None:
             return None
-        return bool(self.max_abs <= self.bound)
+        return bool(self.ulps <= self.bound)
 
     @property
     def ratio(self) -> float:
-        """max|a-b| in units of the bound (> 1 fails)."""
-        if self.bound is None:
+        """The error in units of the bound (> 1 fails)."""
+        if self.bound is None or self.ulps == 0.0:
             return 0.0
-        if self.max_abs == 0.0:
-            return 0.0
-        return self.max_abs / self.bound if self.bound > 0 else float("inf")
+        return self.ulps / self.bound if self.bound > 0 else float("inf")
 
     def as_dict(self) -> dict:
         return {**asdict(self), "ok": self.ok, "ratio": self.ratio}
@@ -112,19 +113,22 @@ def observations(spec, arrays: dict) -> dict[Key, np.ndarray]:
     return obs
 
 
-def invariance_gaps(spec, arrays: dict) -> dict[Key, float]:
-    """Batch-size invariance within one run, at the initial weights: ``max|sum of per-sample gradients (reduced per
-    the spec) - batch gradient|`` per tensor, and ``max|batch-1 predictions - rows of the batch prediction|``."""
-    names = spec.param_names()
-    out: dict[Key, float] = {}
-    batch = _indexed(arrays, "grads").get(0)
-    for j, name in enumerate(names):
-        key = f"inv_grad/{j}"
-        if key in arrays and batch is not None:
-            out[("invariance/grads", 0, name)] = scaled_error(arrays[key], batch[j])[1]
-    if "inv_pred_rows" in arrays and "pred_init" in arrays:
-        out[("invariance/pred", 0, "probe")] = scaled_error(arrays["inv_pred_rows"], arrays["pred_init"])[1]
-    return out
+def units(a, ref, eps: float, floor: float) -> float:
+    """``max_i |a_i - ref_i| / (eps * max(|ref_i|, floor))``: the distance in rounding units of each element (an ulp,
+    within a factor 2), never finer than ``floor`` (a fraction of the whole set's scale): inf for a shape mismatch or
+    a NaN/Inf."""
+    a = np.asarray(a, np.float64)
+    ref = np.asarray(ref, np.float64)
+    if a.shape != ref.shape or not (np.all(np.isfinite(a)) and np.all(np.isfinite(ref))):
+        return float("inf")
+    if not a.size:
+        return 0.0
+    diff = np.abs(a - ref)
+    if not diff.any():
+        return 0.0
+    den = eps * np.maximum(np.abs(ref), floor)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.max(np.where(diff > 0, diff / den, 0.0)))
 
 
 @dataclass
@@ -133,48 +137,82 @@ class Reference:
 
     dtype: str
     obs: dict[Key, np.ndarray]
-    envelope: dict[Key, float]  # largest max|variant - oracle| per check (invariance: largest gap of any variant)
-    scale: dict[tuple[str, int], float]  # (quantity, step) -> max |oracle| over the whole set
+    envelope: dict[Key, float]  # largest units(variant, oracle) per check (invariance: largest gap of any variant)
+    floors: dict[Key, float]  # the smallest magnitude an element's rounding unit is measured from, per check
     variants: list[str] = field(default_factory=list)
 
+    @property
+    def eps(self) -> float:
+        return float(np.finfo(self.dtype).eps)
+
     def bound(self, key: Key, factor: float = 1.0) -> tuple[float, float]:
-        """(bound, envelope) of one check; ``factor`` 2 for a pair of backends (each within its own bound)."""
+        """(bound, envelope) of one check in rounding units; ``factor`` 2 for a pair of backends."""
         pol = policy(self.dtype)
         env = self.envelope.get(key, 0.0)
-        q, s = key[0], key[1]
-        scale_key = {"invariance/grads": ("grads", 0), "invariance/pred": ("pred", 0)}.get(q, (q, s))
-        floor = pol.floor_ulps * float(np.finfo(self.dtype).eps) * self.scale.get(scale_key, 0.0)
-        return factor * (pol.multiple * env + floor), env
+        return factor * (pol.multiple(key[1]) * env + pol.floor_ulps), env
+
+
+def _floors(spec, obs: dict[Key, np.ndarray]) -> dict[Key, float]:
+    """Per check, the magnitude below which an element's rounding unit stops shrinking: a fraction of the whole set's
+    largest magnitude at that step (all gradients, all weights, the loss, the predictions), and for weights at least
+    one learning rate (one optimizer step).  A gradient of 1e-312 against an exact 0 is then no failure, and a bias
+    passing through zero is measured against the size of its updates."""
+    scale: dict[tuple[str, int], float] = {}
+    for (q, s, _), v in obs.items():
+        scale[(q, s)] = max(scale.get((q, s), 0.0), _max_abs(v))
+    frac = SET_FRACTION
+    out = {}
+    for (q, s, t) in obs:
+        f = frac * scale[(q, s)]
+        out[(q, s, t)] = max(f, float(spec.optimizer.lr)) if q == "weights" else f
+    for name in spec.param_names():
+        out[("invariance/grads", 0, name)] = frac * scale.get(("grads", 0), 0.0)
+    out[("invariance/pred", 0, "probe")] = frac * scale.get(("pred", 0), 0.0)
+    return out
 
 
 def build_reference(spec, dtype: str, oracle: dict, variants: dict[str, dict]) -> Reference:
     """The envelope of ``variants`` (name -> arrays of the oracle run in ``dtype`` with that rounding variant) around
     the float64 ``oracle`` arrays.  A variant that diverged or lacks a check contributes nothing there."""
     obs = observations(spec, oracle)
-    scale: dict[tuple[str, int], float] = {}
-    for (q, s, _), v in obs.items():
-        scale[(q, s)] = max(scale.get((q, s), 0.0), _max_abs(v))
+    floors = _floors(spec, obs)
+    eps = float(np.finfo(dtype).eps)
     env: dict[Key, float] = {k: 0.0 for k in obs}
-    inv = invariance_gaps(spec, oracle)
     for arrays in variants.values():
         vobs = observations(spec, arrays)
         for k, ref in obs.items():
             if k in vobs:
-                d = scaled_error(vobs[k], ref)[1]
+                d = units(vobs[k], ref, eps, floors[k])
                 if np.isfinite(d):
                     env[k] = max(env[k], d)
-        for k, d in invariance_gaps(spec, arrays).items():
+    for arrays in [oracle, *variants.values()]:
+        for k, d in invariance_units(spec, arrays, eps, floors).items():
             if np.isfinite(d):
-                inv[k] = max(inv.get(k, 0.0), d)
-    env.update(inv)
-    return Reference(dtype, obs, env, scale, sorted(variants))
+                env[k] = max(env.get(k, 0.0), d)
+    return Reference(dtype, obs, env, floors, sorted(variants))
+
+
+def invariance_units(spec, arrays: dict, eps: float, floors: dict[Key, float]) -> dict[Key, float]:
+    """Batch-size invariance within one run, at the initial weights, on a few samples (``harness.worker``): per-sample
+    gradients reduced per the spec vs their batch's gradient, and batch-1 predictions vs the rows of the batch
+    prediction, in rounding units."""
+    out: dict[Key, float] = {}
+    for j, name in enumerate(spec.param_names()):
+        if f"inv_grad/{j}" in arrays and f"inv_batch_grad/{j}" in arrays:
+            key = ("invariance/grads", 0, name)
+            out[key] = units(arrays[f"inv_grad/{j}"], arrays[f"inv_batch_grad/{j}"], eps, floors[key])
+    if "inv_pred_rows" in arrays and "pred_init" in arrays:
+        rows = arrays["inv_pred_rows"]
+        key = ("invariance/pred", 0, "probe")
+        out[key] = units(rows, arrays["pred_init"][: len(rows)], eps, floors[key])
+    return out
 
 
 def _check(ref: Reference, key: Key, a, b, factor: float, weight_floor: float) -> Check:
     err, _ = scaled_error(a, b, weight_floor if key[0] == "weights" else 0.0)
     mabs = scaled_error(a, b)[1]
     bound, env = ref.bound(key, factor)
-    return Check(key[0], key[1], key[2], err, mabs, bound, env)
+    return Check(key[0], key[1], key[2], err, mabs, units(a, b, ref.eps, ref.floors[key]), bound, env)
 
 
 def compare_runs(spec, ref: Reference, row: dict, other: dict | None = None) -> list[Check]:
@@ -188,20 +226,23 @@ def compare_runs(spec, ref: Reference, row: dict, other: dict | None = None) -> 
     n_row = len(np.asarray(row.get("losses", [])))
     n_ref = sum(1 for k in target if k[0] == "loss")
     if n_row != n_ref:
-        checks.append(Check("loss", min(n_row, n_ref), "steps", float("inf"), float("inf"), 0.0, None,
+        checks.append(Check("loss", min(n_row, n_ref), "steps", float("inf"), float("inf"), float("inf"), 0.0, None,
                             f"ran {n_row} steps, reference ran {n_ref}"))
     checks.sort(key=lambda c: c.step)
     return checks
 
 
 def invariance_checks(spec, ref: Reference, row: dict) -> list[Check]:
-    """The row's own batch-size invariance gaps, bounded by the gaps of the oracle's variants in the same dtype."""
+    """The row's own batch-size invariance gaps, bounded by the gaps of the oracle and its variants."""
     checks = []
-    for key, gap in invariance_gaps(spec, row).items():
+    for key, u in invariance_units(spec, row, ref.eps, ref.floors).items():
         bound, env = ref.bound(key)
-        scale = ref.scale.get(("grads", 0) if key[0] == "invariance/grads" else ("pred", 0), 0.0)
-        checks.append(Check(key[0], 0, key[2], gap / scale if scale else (0.0 if gap == 0 else float("inf")), gap,
-                            bound, env))
+        q = "inv_grad" if key[0] == "invariance/grads" else "inv_pred_rows"
+        j = spec.param_names().index(key[2]) if q == "inv_grad" else None
+        a = row[f"inv_grad/{j}"] if j is not None else row["inv_pred_rows"]
+        b = row[f"inv_batch_grad/{j}"] if j is not None else row["pred_init"][: len(a)]
+        err, mabs = scaled_error(a, b)
+        checks.append(Check(key[0], 0, key[2], err, mabs, u, bound, env))
     return checks
 
 
@@ -235,6 +276,8 @@ def summarize(checks: list[Check]) -> dict:
         "n_failed": len(failed),
         "worst": worst,
         "worst_ratio": worst_ratio,
+        # the largest error in units of its bound over the first EARLY steps (what a planted bug must exceed)
+        "worst_ratio_early": max((c.ratio for c in checks if c.bound is not None and c.step <= EARLY), default=0.0),
         "first_failure": first.as_dict() if first else None,
     }
 
@@ -243,5 +286,6 @@ def describe_failure(f: dict) -> str:
     what = f["quantity"] if f["tensor"] == f["quantity"] or f["tensor"] == "loss" else f"{f['quantity']} {f['tensor']}"
     if f["bound"] == 0.0 or f["envelope"] is None:
         return f"first exceeds at step {f['step']}: {what}: {f['why'] or 'mismatch'}"
-    return (f"first exceeds at step {f['step']}: {what} off by {f['max_abs']:.2e}, {f['ratio']:.3g}x its bound "
-            f"{f['bound']:.1e} (rounding envelope {f['envelope']:.1e}; scaled error {f['error']:.1e})")
+    return (f"first exceeds at step {f['step']}: {what} off by {f['max_abs']:.2e} = {f['ulps']:.3g} rounding units, "
+            f"{f['ratio']:.3g}x its bound {f['bound']:.3g} (the variants' envelope: {f['envelope']:.3g}; "
+            f"scaled error {f['error']:.1e})")

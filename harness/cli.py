@@ -163,21 +163,57 @@ def cmd_report(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------- selftest
-def cmd_selftest(args) -> int:
-    from .selftest import format_selftest, run_selftest
+def _selftest_args(args) -> dict:
+    """The sweep's options, checked before any work starts."""
+    from .selftest import installed_backends
 
+    models = list(MODELS) if args.models == "all" else [m.strip() for m in args.models.split(",") if m.strip()]
+    for m in models:
+        if m not in MODELS:
+            raise UserError(f"unknown model {m!r} in --models; valid: all, {', '.join(MODELS)}")
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    for d in dtypes:
+        if d not in ("float32", "float64"):
+            raise UserError(f"unknown dtype {d!r} in --dtypes; valid: float32, float64 (comma-separated)")
+    if not models or not dtypes:
+        raise UserError("--models and --dtypes each need at least one entry, e.g. --models mnist_mlp --dtypes float32")
     runner.check_positive(args.seeds, "--seeds", "it is how many seeds (0, 1, ...) the clean runs use, e.g. --seeds 5")
-    runner.check_positive(args.batch_size, "--batch-size", "e.g. --batch-size 100")
-    clean = [b.strip() for b in args.clean_backends.split(",") if b.strip()] if args.clean_backends else []
-    for b in clean:
-        try:
-            backends.get_info(b)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-    result = run_selftest(model=args.model, seeds=args.seeds, steps=args.steps, batch_size=args.batch_size,
-                          dtype=args.dtype, clean_backends=clean, progress=_progress)
+    runner.check_positive(args.bug_seeds, "--bug-seeds", "it is how many seeds the planted bugs run on, e.g. 2")
+    if args.backends in (None, "all"):
+        clean = installed_backends()
+    elif args.backends == "none":
+        clean = []
+    else:
+        clean = [b.strip() for b in args.backends.split(",") if b.strip()]
+        for b in clean:
+            try:
+                backends.get_info(b)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+    return {"models": models, "dtypes": dtypes, "seeds": args.seeds, "steps": args.steps, "clean_backends": clean,
+            "bug_seeds": args.bug_seeds}
+
+
+def cmd_selftest(args) -> int:
+    from .selftest import format_selftest, run_selftest, save_selftest
+
+    kwargs = _selftest_args(args)
+    results_dir = Path(args.results_dir)
+    if args.save:
+        from .results import check_writable
+
+        check_writable(results_dir)
+    result = run_selftest(**kwargs, progress=_progress)
     print(format_selftest(result))
+    if args.save:
+        for p in save_selftest(result, results_dir, calibration=args.calibrate):
+            print(f"wrote {p}")
     return 0 if result["ok"] else 1
+
+
+def cmd_calibrate(args) -> int:
+    args.save, args.calibrate = True, True
+    return cmd_selftest(args)
 
 
 # ------------------------------------------------------------------------------------------------------------- data
@@ -245,14 +281,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results-dir", default=str(_default_results()))
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("selftest", help="plant known bugs into backend copies and show that each one is caught")
-    p.add_argument("--model", default="mnist_mlp")
-    p.add_argument("--seeds", type=int, default=5, help="clean runs on this many seeds (default 5)")
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--dtype", default="float64")
-    p.add_argument("--clean-backends", help="also run these installed backends clean on every seed, e.g. torch,jax")
-    p.set_defaults(func=cmd_selftest)
+    for name, helptext in (("selftest", "false alarms of every installed backend over many seeds, and the catch "
+                                         "rate of planted bugs, per dtype and batch size"),
+                           ("calibrate", "the same sweep, written as the evidence for harness/tolerances.py: "
+                                         "results/calibration.md (and results/selftest.md)")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--models", default="all", help=f"comma-separated, or all (default): {', '.join(MODELS)}")
+        p.add_argument("--dtypes", default="float32,float64", help="comma-separated (default: float32,float64)")
+        p.add_argument("--seeds", type=int, default=5 if name == "selftest" else 50,
+                       help="clean runs on seeds 0..N-1 (default: %(default)s)")
+        p.add_argument("--bug-seeds", type=int, default=2, help="planted bugs on seeds 0..N-1 (default: 2)")
+        p.add_argument("--steps", type=int, default=12, help="steps per run (at least 12; default 12)")
+        p.add_argument("--backends", help="clean backends: comma-separated, all (default: every installed one) or "
+                                          "none (planted bugs only)")
+        p.add_argument("--results-dir", default=str(_default_results()))
+        if name == "selftest":
+            p.add_argument("--save", action="store_true", help="write the raw record and results/selftest.md")
+            p.set_defaults(func=cmd_selftest, calibrate=False)
+        else:
+            p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("data", help="data sets")
     dsub = p.add_subparsers(dest="data_command", required=True)

@@ -344,16 +344,22 @@ def _collect_one(job_dir: Path, base: dict, i: int, run: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------------- comparison
 def variants_for(spec: ModelSpec, dtype: str, batch_size: int) -> list[str]:
-    """The oracle's rounding variants whose spread is the envelope (``backends.numpy_scratch.ROUNDING_VARIANTS``);
-    "plain" is the oracle's own code in ``dtype`` (in float64 that is the oracle itself: left out).  A variant that
-    would compute the very same bits is left out too (batch order at batch 1, Adam's order for SGD)."""
-    names = [] if dtype == "float64" else ["plain"]
-    names.append("blocked")
+    """The oracle's rounding variants whose spread is the envelope (``backends.numpy_scratch.ROUNDING_VARIANTS``).
+
+    "plain" is the oracle's own code in ``dtype`` (in float64 that is the oracle itself: left out).  Each other variant
+    changes one order of operations (a structural variant left out where it would compute the very same bits: batch
+    order at batch 1, Adam's order for SGD, the softmax/sigmoid formula where the loss has none) and adds Monte Carlo
+    arithmetic (one random ulp on every matmul result and Adam moment, seeded by the variant's name), so that the
+    envelope also samples roundings that no reordering of NumPy's own code reaches."""
+    structural = ["blocked"]
     if batch_size > 1:
-        names.append("reversed")
+        structural.append("reversed")
     if isinstance(spec.optimizer, Adam):
-        names.append("adam_order")
-    return names
+        structural.append("adam_order")
+    if spec.loss.prediction in ("sigmoid", "softmax"):
+        structural.append("formula")
+    names = [f"{v}+mca" for v in structural] + ["mca"] * (len(structural) < 3)
+    return (["plain"] if dtype != "float64" else []) + names
 
 
 @dataclass

@@ -22,11 +22,12 @@ from typing import Callable
 
 import backends
 
+from . import agreement
 from .mutants import BUGS, IDENTICAL_AT
 from .runner import CompareConfig, UserError, judge, prepare, run_backend, run_oracle, validate
 from .status import Status
 
-CATCH_WITHIN = 10  # a planted bug must be caught at or before this step
+CATCH_WITHIN = agreement.EARLY  # a planted bug must be caught at or before this step
 
 
 @contextmanager
@@ -49,7 +50,7 @@ def _summary(row: dict) -> dict:
     return {"backend": row["backend"], "seed": row.get("seed"), "batch_size": row["batch_size"],
             "status": str(row["status"]), "reason": row.get("reason"),
             "worst_ratio": max((agr.get("worst_ratio") or {}).values(), default=None),
-            "worst_ratio_by": agr.get("worst_ratio"),
+            "worst_ratio_by": agr.get("worst_ratio"), "worst_ratio_early": agr.get("worst_ratio_early"),
             "step": first["step"] if first else None, "quantity": first["quantity"] if first else None,
             "tensor": first["tensor"] if first else None, "ratio": first["ratio"] if first else None,
             "optimizer": (((row.get("meta") or {}).get("info") or {}).get("optimizer"))}
@@ -76,8 +77,8 @@ def sweep(model: str, backend_names: list[str], seeds: list[int], dtype: str, st
             def on_row(row: dict) -> dict:
                 judge(spec, row, oracle)
                 rec = {"model": model, "dtype": dtype, **_summary(row)}
-                if rec["status"] not in (Status.PASS, Status.SKIPPED) and not name.startswith("bug-"):
-                    progress(f"  {name} seed {rec['seed']} batch {rec['batch_size']}: {rec['status']}: "
+                if rec["status"] not in (Status.PASS, Status.SKIPPED) and not rec["backend"].startswith("bug-"):
+                    progress(f"  {rec['backend']} seed {rec['seed']} batch {rec['batch_size']}: {rec['status']}: "
                              f"{rec['reason']}")
                 return rec
 
@@ -190,3 +191,107 @@ def format_selftest(result: dict, tablefmt: str = "simple") -> str:
                      f"{r['status']}: {r['reason']}")
     lines.append(f"\nplanted bugs caught: {sum(r['caught'] for r in applicable)}/{len(applicable)}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ records and files
+def _record(result: dict) -> dict:
+    import datetime as _dt
+
+    from .results import SCHEMA, git_commit, machine, new_run_id
+    from .tolerances import POLICY
+
+    names = sorted({r["backend"] for r in result["clean"]} | {"numpy"})
+    return {"schema": SCHEMA, "run_id": new_run_id("selftest"), "kind": "selftest",
+            "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(), "commit": git_commit(),
+            "machine": machine(), "versions": {b: backends.version(b) for b in names if b in backends.REGISTRY},
+            "policy": {dt: {"multiple": p.multiple, "floor_ulps": p.floor_ulps} for dt, p in POLICY.items()},
+            **{k: v for k, v in result.items() if k not in ("false_alarms", "errors", "missed")}}
+
+
+def _header(rec: dict, title: str) -> list[str]:
+    from .report import GENERATED
+
+    versions = ", ".join(f"{k} {v}" for k, v in rec["versions"].items() if v)
+    return [GENERATED.replace("results/raw/*.json", f"results/raw/{rec['run_id']}.json"), f"# {title}", "",
+            f"Run `{rec['run_id']}`: commit {rec['commit']}, {rec['machine']['cpu']} ({rec['machine']['cores']} "
+            f"cores), {versions}; {rec['duration_s'] / 60:.0f} min.", "",
+            f"Clean runs: seeds 0..{rec['seeds'] - 1} of every model ({', '.join(rec['models'])}), dtype "
+            f"({', '.join(rec['dtypes'])}) and both batch sizes, {rec['steps']} steps each, every installed backend "
+            f"({', '.join(rec['backends']) or 'none'}). Planted bugs: seeds 0..{rec['bug_seeds'] - 1}. A planted bug "
+            f"counts as caught when its row fails by step {rec['catch_within']}.", ""]
+
+
+def selftest_markdown(rec: dict) -> str:
+    result = {**rec, "false_alarms": [r for r in rec["clean"] if r["status"] in (Status.FAIL, Status.DIVERGED)],
+              "errors": [r for r in rec["clean"] if r["status"] not in (Status.PASS, Status.SKIPPED, Status.FAIL,
+                                                                       Status.DIVERGED)],
+              "missed": [r for r in rec["bugs"] if r["caught"] is False]}
+    return "\n".join(_header(rec, "Self-test: false alarms of real backends, catch rate of planted bugs")
+                     + [format_selftest(result, tablefmt="github"), ""])
+
+
+def calibration_rows(rec: dict) -> list[list]:
+    """Per model and dtype: the largest clean error and the smallest planted-bug error, both in units of the bound."""
+    out = []
+    for model in rec["models"]:
+        for dt in rec["dtypes"]:
+            clean = [r for r in rec["clean"] if r["model"] == model and r["dtype"] == dt
+                     and r["worst_ratio"] is not None]
+            bugs = [r for r in rec["bugs"] if r["model"] == model and r["dtype"] == dt and r["caught"] is not None]
+            noisy = max(clean, key=lambda r: r["worst_ratio"], default=None)
+            # a bug's evidence: its largest error over the first steps (a diverged row has no number: it is caught)
+            sized = [r for r in bugs if r["status"] != Status.DIVERGED and r.get("worst_ratio_early") is not None]
+            faint = min(sized, key=lambda r: r["worst_ratio_early"], default=None)
+            noise = noisy["worst_ratio"] if noisy else None
+            gap = faint["worst_ratio_early"] if faint else None
+            out.append([model, dt, len(clean),
+                        "-" if noisy is None else f"{noise:.3g} ({noisy['backend']}, seed {noisy['seed']}, batch "
+                                                  f"{noisy['batch_size']})",
+                        "-" if faint is None else f"{gap:.3g} ({faint['bug']}, batch {faint['batch_size']})",
+                        "-" if not (noise and gap) else f"{gap / noise:.3g}"])
+    return out
+
+
+def calibration_markdown(rec: dict) -> str:
+    pol = rec["policy"]
+    lines = _header(rec, "Calibration: noise of correct backends and the smallest planted bug, in units of the bound")
+    lines += ["A check passes when `max|backend - oracle64| <= multiple * envelope + floor_ulps * eps(dtype) * scale` "
+              "(`harness/agreement.py`): the envelope is the largest distance of the oracle's rounding variants "
+              "(run in the compared dtype in the same run) to the float64 oracle at that check; the scale is the "
+              "largest magnitude of the whole set at that step. Policy in force (`harness/tolerances.py`): "
+              + "; ".join(f"{dt}: multiple {p['multiple']:g}, floor {p['floor_ulps']:g} ulps" for dt, p in pol.items())
+              + ".", "",
+              "Below, **noise** is the largest error / bound of any check of any clean row of a real backend (must be "
+              "< 1: no false alarm), **bug** the smallest, over planted bugs that can exist in that model, of the "
+              "largest error / bound within the first "
+              f"{rec['catch_within']} steps (must be > 1: caught); the margin is their ratio.", ""]
+    from tabulate import tabulate
+
+    lines.append(tabulate(calibration_rows(rec), headers=["model", "dtype", "clean rows", "noise: worst error / bound",
+                                                          "bug: smallest error / bound", "bug / noise"],
+                          tablefmt="github"))
+    lines.append("")
+    return "\n".join(lines)
+
+
+def save_selftest(result: dict, results_dir: Path, calibration: bool = False) -> list[Path]:
+    """The raw record under results/raw/ (never overwritten) and the summaries generated from it."""
+    import json
+
+    from .results import _exclusive_replace, _json_default, check_writable
+
+    raw = check_writable(results_dir)
+    rec = _record(result)
+    path = raw / f"{rec['run_id']}.json"
+    tmp = raw / f".{rec['run_id']}.json.tmp"
+    tmp.write_text(json.dumps(rec, indent=None, default=_json_default))
+    _exclusive_replace(tmp, path)
+    written = [path]
+    docs = [("selftest.md", selftest_markdown)] + ([("calibration.md", calibration_markdown)] if calibration else [])
+    for name, make in docs:
+        out = Path(results_dir) / name
+        tmp = out.with_suffix(".md.tmp")
+        tmp.write_text(make(rec))
+        tmp.replace(out)
+        written.append(out)
+    return written

