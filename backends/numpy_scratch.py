@@ -256,8 +256,8 @@ ROUNDING_VARIANTS = {
     "reversed": "the samples of each batch in reverse order (batch sums in the other order)",
     "adam_order": "Adam's moments and update in torch.optim.Adam's order (m = b1*m + (1-b1)*g, alpha*(m/(sqrt(v)+eps)))",
     "formula": "the loss gradient's and predictions' softmax as exp(z-max)/sum, sigmoid as 0.5+0.5*tanh(z/2)",
-    "mca": "Monte Carlo arithmetic: every matmul result and Adam moment multiplied by (1 + eps*U(-1, 1)), seeded by "
-           "the variant's name: the rounding of an implementation that sums in yet another order",
+    "mca": "Monte Carlo arithmetic: every matmul result moved by eps*sqrt(k)*(|a|@|b|)*U(-1, 1) (a k-term sum in another "
+           "order) and every Adam moment by one random ulp, seeded by the variant's name",
 }
 
 
@@ -288,11 +288,21 @@ class Model(ModelBase):
             rng = np.random.default_rng([int(options.extra.get("mca_seed", 0)), *map(ord, "+".join(rounding))])
             eps = np.finfo(self.dtype).eps
 
+            def noise(shape, dtype):
+                return self.xp.asarray(rng.uniform(-1.0, 1.0, shape)).astype(dtype)
+
             def perturb(a):
-                return a * (1 + eps * self.xp.asarray(rng.uniform(-1.0, 1.0, np.shape(a))).astype(a.dtype))
+                return a * (1 + eps * noise(np.shape(a), a.dtype))
+
+            def mm(a, b):
+                # a dot product of k terms summed in another order moves by about sqrt(k) ulps of the sum of the
+                # terms' magnitudes (not of the result: where the terms cancel, the result's own ulp is far smaller)
+                k = a.shape[-1]
+                r = base(a, b)
+                return r + (eps * np.sqrt(k)) * (self.xp.abs(a) @ self.xp.abs(b)) * noise(r.shape, r.dtype)
 
             base = self.mm
-            self.mm = lambda a, b: perturb(base(a, b))
+            self.mm = mm
             self.perturb = perturb
         self.info = {"optimizer": f"hand-written {type(opt).__name__}"
                      + (f" ({opt.convention} convention)" if isinstance(opt, Adam) else ""),

@@ -64,7 +64,7 @@ def main() -> int:
                                            steps=cmd["steps"], dtype=cmd["dtype"], seed=cmd["seed"])
                 spec = runner.validate(cfg)
                 job = runner.prepare(cfg, spec)
-                idx = job.data[f"order_{cmd['batch_size']}"][: cmd["steps"]]
+                idx = job.order(cmd["batch_size"])[: cmd["steps"]]
                 xs = job.data["x"][idx].astype(spec.dtype)  # (steps, B, *input_shape), as harness.worker stacks them
                 ys = job.data["y"][idx]
                 ys = ys.astype(np.int64) if spec.loss.integer_labels else ys.astype(spec.dtype)

@@ -89,7 +89,7 @@ def export_job(model: str, batches: list[int], steps: int, dtype: str, seed: int
     job = runner.prepare(cfg, runner.validate(cfg))
     out = {}
     for bs in batches:
-        idx = job.data[f"order_{bs}"][:steps]
+        idx = job.order(bs)[:steps]
         path = work / f"{model}-b{bs}.npz"
         np.savez(path, xs=job.data["x"][idx], ys=job.data["y"][idx], **{f"w{j}": w for j, w in enumerate(job.weights)})
         out[bs] = path

@@ -346,19 +346,18 @@ def _collect_one(job_dir: Path, base: dict, i: int, run: dict) -> dict:
 def variants_for(spec: ModelSpec, dtype: str, batch_size: int) -> list[str]:
     """The oracle's rounding variants whose spread is the envelope (``backends.numpy_scratch.ROUNDING_VARIANTS``).
 
-    "plain" is the oracle's own code in ``dtype`` (in float64 that is the oracle itself: left out).  Each other variant
-    changes one order of operations (a structural variant left out where it would compute the very same bits: batch
-    order at batch 1, Adam's order for SGD, the softmax/sigmoid formula where the loss has none) and adds Monte Carlo
-    arithmetic (one random ulp on every matmul result and Adam moment, seeded by the variant's name), so that the
-    envelope also samples roundings that no reordering of NumPy's own code reaches."""
-    structural = ["blocked"]
-    if batch_size > 1:
-        structural.append("reversed")
+    "plain" is the oracle's own code in ``dtype`` (in float64 that is the oracle itself: left out).  The others change
+    orders of operations (blocked matmuls and Adam in torch's order; the batch reversed and the other softmax/sigmoid
+    formula; each part left out where it would compute the very same bits: batch order at batch 1, Adam's order for
+    SGD, the formula where the loss has none) and all add Monte Carlo arithmetic (every k-term matmul result moved by
+    about sqrt(k) ulps of its terms, every Adam moment by one ulp, seeded by the variant's name), so that the envelope
+    also samples roundings that no reordering of NumPy's own code reaches."""
+    first, second = ["blocked"], ["reversed"] if batch_size > 1 else []
     if isinstance(spec.optimizer, Adam):
-        structural.append("adam_order")
+        first.append("adam_order")
     if spec.loss.prediction in ("sigmoid", "softmax"):
-        structural.append("formula")
-    names = [f"{v}+mca" for v in structural] + ["mca"] * (len(structural) < 3)
+        second.append("formula")
+    names = ["+".join(v + ["mca"]) for v in (first, second) if v] + ["mca"]
     return (["plain"] if dtype != "float64" else []) + names
 
 

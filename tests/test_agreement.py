@@ -140,3 +140,18 @@ def test_every_policy_is_justified():
         assert 1 < p.multiple(0) == p.multiple(1) <= p.multiple(2) and p.floor_ulps > 0 and "calibration.md" in p.why
     with pytest.raises(KeyError, match="float16"):
         tolerances.policy("float16")
+
+
+def test_a_whole_gradient_set_of_denormals_against_zeros_passes():
+    """mnist_mlp seed 3 batch 1 at step 10: every gradient is ~1e-312 (a saturated softmax), tf1/jax/keras give 0."""
+    spec = MODELS["mnist_mlp"]
+    oracle = fake_run(spec, np.random.default_rng(0))
+    for j, shape in enumerate(spec.param_shapes()):
+        oracle[f"grads/10/{j}"] = np.full(shape, 9e-313)
+    ref = agreement.build_reference(spec, "float64", oracle, {"v": {k: v.copy() for k, v in oracle.items()}})
+    row = {k: v.copy() for k, v in oracle.items()}
+    for j, shape in enumerate(spec.param_shapes()):
+        row[f"grads/10/{j}"] = np.zeros(shape)
+    assert status(spec, ref, row)["status"] == Status.PASS
+    row["grads/10/0"] = np.full(spec.param_shapes()[0], 1e-300)  # normal numbers: a real difference again
+    assert status(spec, ref, row)["status"] == Status.FAIL

@@ -130,8 +130,10 @@ def test_bad_numbers_exit_2_before_any_work(args, expected, no_backend_work, res
 @pytest.mark.parametrize("args, expected", [
     (["--seeds", "0"], "--seeds must be at least 1, got 0"),
     (["--seeds", "-2"], "--seeds must be at least 1, got -2"),
-    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
-    (["--steps", "5"], "selftest needs at least 10 steps"),
+    (["--bug-seeds", "0"], "--bug-seeds must be at least 1, got 0"),
+    (["--steps", "5"], "selftest needs at least 12 steps"),
+    (["--models", "mnist_mlp,nope"], "unknown model 'nope' in --models"),
+    (["--backends", "nope"], "unknown backend 'nope'"),
 ])
 def test_bad_selftest_input_exits_2_before_any_work(args, expected, no_backend_work, capsys):
     assert run_cli("selftest", *args) == 2
