@@ -256,8 +256,9 @@ ROUNDING_VARIANTS = {
     "reversed": "the samples of each batch in reverse order (batch sums in the other order)",
     "adam_order": "Adam's moments and update in torch.optim.Adam's order (m = b1*m + (1-b1)*g, alpha*(m/(sqrt(v)+eps)))",
     "formula": "the loss gradient's and predictions' softmax as exp(z-max)/sum, sigmoid as 0.5+0.5*tanh(z/2)",
-    "mca": "Monte Carlo arithmetic: every matmul result moved by eps*sqrt(k)*(|a|@|b|)*U(-1, 1) (a k-term sum in another "
-           "order) and every Adam moment by one random ulp, seeded by the variant's name",
+    "mca": "Monte Carlo arithmetic: every matmul result moved by eps*(|a|@|b|)*U(-1, 1) (one ulp of the sum of its "
+           "terms' magnitudes: a sum in another order) and every Adam moment by one random ulp, seeded by the variant's "
+           "name",
 }
 
 
@@ -295,11 +296,10 @@ class Model(ModelBase):
                 return a * (1 + eps * noise(np.shape(a), a.dtype))
 
             def mm(a, b):
-                # a dot product of k terms summed in another order moves by about sqrt(k) ulps of the sum of the
-                # terms' magnitudes (not of the result: where the terms cancel, the result's own ulp is far smaller)
-                k = a.shape[-1]
+                # a dot product summed in another order moves by about one ulp of the sum of its terms' magnitudes,
+                # not of the result: where the terms cancel, the result's own ulp is far smaller than its error
                 r = base(a, b)
-                return r + (eps * np.sqrt(k)) * (self.xp.abs(a) @ self.xp.abs(b)) * noise(r.shape, r.dtype)
+                return r + eps * (self.xp.abs(a) @ self.xp.abs(b)) * noise(r.shape, r.dtype)
 
             base = self.mm
             self.mm = mm

@@ -1,21 +1,23 @@
 """The agreement engine: compares a backend's run with the NumPy float64 oracle, tensor by tensor, step by step.
 
-A fixed tolerance table cannot hold: the noise of a correct float32 run depends on the seed, the step and the tensor
+A fixed tolerance table cannot hold: the noise of a correct float32 run depends on the seed, the step and the element
 (a gradient that is a cancelling sum near zero, a ReLU that switches), and it grows along a chaotic trajectory.  So
 the bound of every check is measured in the same run, by the **rounding envelope**:
 
 * the oracle is run again *in the backend's dtype* in a few variants that differ from it only in rounding (the plain
-  code, every matmul summed in two blocks, each batch summed in reverse order, Adam's update in torch's order of
-  operations: ``backends.numpy_scratch.ROUNDING_VARIANTS``);
-* for every check (quantity, step, tensor) the envelope is the largest ``max|variant - oracle64|`` over the variants:
-  what a correct implementation in that dtype computes there;
-* a backend passes a check when ``max|backend - oracle64| <= multiple * envelope + floor``, where the floor is a few
-  ulps of the dtype times the scale of the *whole* set observed at that step (all gradients, all weights, the loss,
-  the predictions), never of one tensor alone: a tensor that is a cancelling sum near zero (an output bias, a dead
-  layer, a gradient of 1e-312 in float64) cannot turn rounding into a failure, and a tensor that is off by more than
-  the set's rounding is still seen.
+  code; matmuls summed in two blocks and Adam in torch's order; the batch reversed and the other softmax/sigmoid
+  formula; each with Monte Carlo arithmetic on every matmul and Adam moment: ``runner.variants_for``,
+  ``backends.numpy_scratch.ROUNDING_VARIANTS``);
+* every distance is measured in **rounding units of each element**, ``|a - b| / (eps(dtype) * max(|b|, floor))``, where
+  the floor is a fraction of the largest magnitude of the *whole* set observed at that step (all gradients, all weights,
+  the loss, the predictions; for weights at least one learning rate) and never below the dtype's smallest normal
+  number: a tensor that is a cancelling sum near zero (an output bias, a dead layer, a gradient of 1e-312 in float64)
+  cannot turn rounding into a failure, and an element that is off by more than its own rounding is still seen;
+* for every check (quantity, step, tensor) the envelope is the largest such distance of a variant to the float64
+  oracle: what a correct implementation in that dtype computes there;
+* a backend passes a check when its distance is at most ``multiple(step) * envelope + floor_ulps``.
 
-``multiple`` and the floor live in ``harness/tolerances.py`` with the measurements that justify them
+The multiples and the floor live in ``harness/tolerances.py`` with the measurements that justify them
 (``results/calibration.md``, written by ``harness calibrate``).  Every check keeps its scaled error
 ``max|a-b| / max(max|a|, max|b|)`` for the tables; the verdict is the bound.
 """

@@ -155,9 +155,6 @@ class ModelSpec:
     expected_params: int  # checked by tests against param_shapes()
     dtype: str = "float32"  # the tutorial's dtype; --dtype overrides
     shuffle: bool = True  # a new seeded permutation each epoch (False: the data's own order every epoch)
-    # float32 Adam/ReLU trajectories of the large models are chaotic (numerics.md section 5): the agreement engine
-    # then compares float32 weights only over the first steps, and the full run by its loss alone.
-    float32_chaotic: bool = False
     reference: str = ""  # what the tutorial reports, for the README
 
     def __post_init__(self) -> None:

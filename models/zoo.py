@@ -48,7 +48,6 @@ MNIST_MLP = ModelSpec(
     batch_sizes=(1, 100),
     epochs=15,
     expected_params=269_322,
-    float32_chaotic=True,
     reference="the TF1 tutorial trains 15 epochs at batch 100",
 )
 
@@ -72,7 +71,6 @@ MNIST_CNN = ModelSpec(
     batch_sizes=(1, 100),
     epochs=12,
     expected_params=225_034,
-    float32_chaotic=True,
     reference="the Keras mnist_cnn example",
 )
 
