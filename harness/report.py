@@ -257,12 +257,10 @@ def build_reports(results_dir: Path = DEFAULT_RESULTS_DIR, models: list[str] | N
 
     records = load_records(results_dir)
     written = []
-    if models is None:  # the newest self-test and calibration records give results/selftest.md, calibration.md
+    if models is None:  # the newest sweep of each model gives results/selftest.md and calibration.md
         from .selftest import write_summaries
 
-        sweeps = [r for r in records if r.get("kind") == "selftest"]
-        for rec in [r for r in sweeps if not r.get("calibration")][-1:] + [r for r in sweeps if r.get("calibration")][-1:]:
-            written += write_summaries(rec, Path(results_dir))
+        written += write_summaries(records, Path(results_dir))
     for model in models or list(MODELS):
         md = model_markdown(model, records)
         if md is None:

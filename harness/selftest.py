@@ -246,17 +246,48 @@ def _record(result: dict) -> dict:
             **{k: v for k, v in result.items() if k not in ("false_alarms", "errors", "missed")}}
 
 
+def merge_sweeps(records: list[dict], calibration: bool = False) -> dict | None:
+    """One summary record from the newest sweep record of each model (oldest first in ``records``); with
+    ``calibration`` only calibration records count.  Long sweeps can so run model by model."""
+    from models import MODELS
+
+    sweeps = [r for r in records if r.get("kind") == "selftest" and (r.get("calibration") or not calibration)]
+    newest: dict[str, dict] = {}
+    for rec in sweeps:
+        for m in rec["models"]:
+            newest[m] = rec
+    if not newest:
+        return None
+    models = [m for m in MODELS if m in newest] + [m for m in newest if m not in MODELS]
+    runs = list({id(r): r for r in (newest[m] for m in models)}.values())
+    last = runs[-1]
+    return {**last, "models": models, "runs": [{"run_id": r["run_id"], "commit": r["commit"], "models": [
+                m for m in models if newest[m] is r], "seeds": r["seeds"], "bug_seeds": r["bug_seeds"],
+                "duration_s": r["duration_s"], "backends": r["backends"]} for r in runs],
+            "dtypes": sorted({d for r in runs for d in r["dtypes"]}),
+            "clean": [x for m in models for x in newest[m]["clean"] if x["model"] == m],
+            "bugs": [x for m in models for x in newest[m]["bugs"] if x["model"] == m],
+            "seeds": min(r["seeds"] for r in runs), "duration_s": sum(r["duration_s"] for r in runs)}
+
+
 def _header(rec: dict, title: str) -> list[str]:
+    from tabulate import tabulate
+
     from .report import GENERATED
 
     versions = ", ".join(f"{k} {v}" for k, v in rec["versions"].items() if v)
-    return [GENERATED.replace("results/raw/*.json", f"results/raw/{rec['run_id']}.json"), f"# {title}", "",
-            f"Run `{rec['run_id']}`: commit {rec['commit']}, {rec['machine']['cpu']} ({rec['machine']['cores']} "
-            f"cores), {versions}; {rec['duration_s'] / 60:.0f} min.", "",
-            f"Clean runs: seeds 0..{rec['seeds'] - 1} of every model ({', '.join(rec['models'])}), dtype "
-            f"({', '.join(rec['dtypes'])}) and both batch sizes, {rec['steps']} steps each, every installed backend "
-            f"({', '.join(rec['backends']) or 'none'}). Planted bugs: seeds 0..{rec['bug_seeds'] - 1}. A planted bug "
-            f"counts as caught when its row fails by step {rec['catch_within']}.", ""]
+    runs = rec.get("runs") or [{"run_id": rec["run_id"], "commit": rec["commit"], "models": rec["models"],
+                                "seeds": rec["seeds"], "bug_seeds": rec["bug_seeds"], "duration_s": rec["duration_s"],
+                                "backends": rec["backends"]}]
+    table = tabulate([[f"`{r['run_id']}`", r["commit"], ", ".join(r["models"]), f"0..{r['seeds'] - 1}",
+                       f"0..{r['bug_seeds'] - 1}", f"{r['duration_s'] / 60:.0f} min"] for r in runs],
+                     headers=["run (results/raw/)", "commit", "models", "clean seeds", "bug seeds", "took"],
+                     tablefmt="github")
+    return [GENERATED, f"# {title}", "",
+            f"{rec['machine']['cpu']} ({rec['machine']['cores']} cores), {versions}. Every clean run: each model in "
+            f"{', '.join(rec['dtypes'])} at both of its batch sizes, {rec['steps']} steps, every installed backend "
+            f"({', '.join(rec['backends']) or 'none'}). A planted bug counts as caught when its row fails by step "
+            f"{rec['catch_within']}.", "", table, ""]
 
 
 def selftest_markdown(rec: dict) -> str:
@@ -315,10 +346,10 @@ def calibration_markdown(rec: dict) -> str:
 
 
 def save_selftest(result: dict, results_dir: Path, calibration: bool = False) -> list[Path]:
-    """The raw record under results/raw/ (never overwritten) and the summaries generated from it."""
+    """The raw record under results/raw/ (never overwritten) and the summaries regenerated from every sweep there."""
     import json
 
-    from .results import _exclusive_replace, _json_default, check_writable
+    from .results import _exclusive_replace, _json_default, check_writable, load_records
 
     raw = check_writable(results_dir)
     rec = {**_record(result), "calibration": calibration}
@@ -326,15 +357,18 @@ def save_selftest(result: dict, results_dir: Path, calibration: bool = False) ->
     tmp = raw / f".{rec['run_id']}.json.tmp"
     tmp.write_text(json.dumps(rec, indent=None, default=_json_default))
     _exclusive_replace(tmp, path)
-    return [path, *write_summaries(rec, results_dir)]
+    return [path, *write_summaries(load_records(results_dir), results_dir)]
 
 
-def write_summaries(rec: dict, results_dir: Path) -> list[Path]:
-    """results/selftest.md (and results/calibration.md for a calibration record), generated from one raw record."""
+def write_summaries(records: list[dict], results_dir: Path) -> list[Path]:
+    """results/selftest.md from the newest sweep of each model, results/calibration.md from the newest calibration
+    sweep of each model."""
     written = []
-    docs = [("selftest.md", selftest_markdown)] + ([("calibration.md", calibration_markdown)]
-                                                   if rec.get("calibration") else [])
-    for name, make in docs:
+    for name, make, calibration in (("selftest.md", selftest_markdown, False),
+                                    ("calibration.md", calibration_markdown, True)):
+        rec = merge_sweeps(records, calibration)
+        if rec is None:
+            continue
         out = Path(results_dir) / name
         tmp = out.with_suffix(".md.tmp")
         tmp.write_text(make(rec))
