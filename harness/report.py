@@ -78,7 +78,8 @@ def _ratio(r: dict) -> str:
 
 
 def _optimizer(r: dict) -> str:
-    return ((r.get("meta") or {}).get("info") or {}).get("optimizer") or "-"
+    """Which implementation ran, e.g. 'built-in torch.optim.Adam' (the details after ';' stay in the raw JSON)."""
+    return (((r.get("meta") or {}).get("info") or {}).get("optimizer") or "-").split(";")[0]
 
 
 def agreement_rows(rows: list[dict]) -> list[list]:
