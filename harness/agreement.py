@@ -131,7 +131,7 @@ def units(a, ref, eps: float, floor: float) -> float:
     # never finer than the dtype's smallest normal number: below it (denormals) a framework that flushes to zero is
     # as right as one that does not (mnist_mlp seed 3 batch 1: a whole gradient set of ~1e-312 against exact zeros)
     den = np.maximum(eps * np.maximum(np.abs(ref), floor), np.finfo(dtype_of(eps)).tiny)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         return float(np.max(np.where(diff > 0, diff / den, 0.0)))
 
 

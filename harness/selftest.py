@@ -35,8 +35,8 @@ CATCH_WITHIN = agreement.EARLY  # a planted bug must be caught at or before this
 
 @contextmanager
 def _plugins(entries: dict[str, str]):
-    old = os.environ.get(backends.PLUGINS_ENV)
-    os.environ[backends.PLUGINS_ENV] = ",".join(f"{k}={v}" for k, v in entries.items())
+    old = os.environ.get(backends.PLUGINS_ENV)  # the user's own plugins stay registered beside the planted bugs
+    os.environ[backends.PLUGINS_ENV] = ",".join([*filter(None, [old]), *(f"{k}={v}" for k, v in entries.items())])
     try:
         yield
     finally:
