@@ -37,6 +37,7 @@ from harness.runner import PROJECT_ROOT, CompareConfig, batch_order, compare, lo
 from harness.status import Status
 from models import get_model, init_weights
 from models.spec import SGD, Adam, Conv2D, Dense, Flatten, Init, Loss, MaxPool2D, ModelSpec, f32
+from tests.lockstep import optimizer_vs_oracle, with_convention
 
 ALL = ["tf1", "tf2", "keras", "keras-jax", "keras-torch"]
 
@@ -228,33 +229,6 @@ def test_tf2_traces_once_and_reports_it():
 
 
 # ------------------------------------------------------------------------- aligned optimizers against the oracle
-def with_convention(model: str, convention: str | None) -> ModelSpec:
-    """The built-in model with its Adam's epsilon convention replaced (``None``: the spec as it is)."""
-    spec = get_model(model)
-    if convention is None:
-        return spec
-    return spec.with_overrides(optimizer=dataclasses.replace(spec.optimizer, convention=convention))
-
-
-def optimizer_vs_oracle(mod, spec: ModelSpec, dtype: str, steps: int = 12, fast: bool = False) -> dict:
-    """``steps`` aligned steps of the backend module ``mod`` and of the NumPy float64 oracle from the same weights, on
-    the model's real data in the harness's batch order at the spec's larger batch size.  Returns
-    ``info["optimizer"]`` and the worst scaled error over the loss and every weight after every step (weights never
-    scaled by less than one learning rate, as in the harness: a bias passing through zero must not turn an ulp into a
-    failure; TF1's Pima output bias does at step 4)."""
-    w = init_weights(spec, 0)
-    _, x, y, _, _ = load_data(spec, None)
-    order = batch_order(len(x), spec.batch_sizes[-1], steps, 0, spec.shuffle)
-    m = mod.Model(spec, w, BuildOptions(dtype=dtype, fast=fast))
-    o = ref.Model(spec, w, BuildOptions(dtype="float64"))
-    worst = 0.0
-    for idx in order:
-        worst = max(worst, scaled_error(m.train_step(x[idx], y[idx]), o.train_step(x[idx], y[idx])))
-        for a, b in zip(m.get_weights(), o.get_weights(), strict=True):
-            worst = max(worst, scaled_error(a, b, floor=spec.optimizer.lr))
-    return {"optimizer": m.info["optimizer"], "worst": worst, "steps": len(order)}
-
-
 # (backend, model, Adam convention or None for the spec's SGD, what info["optimizer"] starts with, or Unsupported):
 # each built-in on the convention it follows exactly (eps_hat), and the other convention
 OPTIMIZER_CASES = [

@@ -30,6 +30,8 @@ import backends.numpy_scratch as ref
 from backends.base import BuildOptions, Unsupported
 from models import get_model, init_weights
 from models.spec import SGD, Dense, Init, Loss, MaxPool2D, ModelSpec
+from tests import lockstep
+from tests.lockstep import with_convention
 
 BACKENDS = ("torch", "jax")
 MODULE = {"torch": "backends.torch_eager", "jax": "backends.jax_jit"}
@@ -194,34 +196,9 @@ def test_torch_native_mode_records_differences():
 
 
 # ------------------------------------------------------------------------- aligned optimizers against the oracle
-def with_convention(model: str, convention: str | None) -> ModelSpec:
-    """The built-in model with its Adam's epsilon convention replaced (``None``: the spec as it is)."""
-    spec = get_model(model)
-    if convention is None:
-        return spec
-    return spec.with_overrides(optimizer=dataclasses.replace(spec.optimizer, convention=convention))
-
-
 def optimizer_vs_oracle(backend: str, model: str, convention: str | None, dtype: str, steps: int = 12) -> dict:
-    """``steps`` aligned steps of ``backend`` and of the NumPy float64 oracle from the same weights, on the model's real
-    data in the harness's batch order at the spec's larger batch size.  Returns ``info["optimizer"]`` and the worst
-    scaled error over the loss and every weight after every step (weights never scaled by less than one learning rate,
-    as in the harness: a bias passing through zero must not turn an ulp into a failure)."""
-    from harness.runner import batch_order, load_data
-
-    mod = _load(backend)
-    spec = with_convention(model, convention)
-    w = init_weights(spec, 0)
-    _, x, y, _, _ = load_data(spec, None)
-    order = batch_order(len(x), spec.batch_sizes[-1], steps, 0, spec.shuffle)
-    m = mod.Model(spec, w, BuildOptions(dtype=dtype))
-    o = ref.Model(spec, w, BuildOptions(dtype="float64"))
-    worst = 0.0
-    for idx in order:
-        worst = max(worst, scaled_error(m.train_step(x[idx], y[idx]), o.train_step(x[idx], y[idx])))
-        for a, b in zip(m.get_weights(), o.get_weights(), strict=True):
-            worst = max(worst, scaled_error(a, b, floor=spec.optimizer.lr))
-    return {"optimizer": m.info["optimizer"], "worst": worst, "steps": len(order)}
+    """``tests.lockstep.optimizer_vs_oracle`` by names (the JAX float64 cases call it from a subprocess)."""
+    return lockstep.optimizer_vs_oracle(_load(backend), with_convention(model, convention), dtype, steps)
 
 
 # (backend, model, Adam convention or None for the spec's SGD, what info["optimizer"] starts with): each built-in on
