@@ -125,6 +125,10 @@ def _mm(a, b):
     return a @ b
 
 
+def _colsum(a):
+    return a.sum(axis=0)
+
+
 def _mm_blocked(a, b):
     """``a @ b`` with the inner dimension summed in two blocks: the same product, another rounding (an oracle variant)."""
     k = a.shape[-1]
@@ -144,20 +148,20 @@ def _conv_forward(xp, x, w, mm=_mm):
     return mm(patches, w.reshape(kh * kw * c, f)).reshape(n, ho, wo, f), patches
 
 
-def _conv_backward(xp, x_shape, w, patches, dout, need_dx=True, mm=_mm):
+def _conv_backward(xp, x_shape, w, patches, dout, need_dx=True, mm=_mm, colsum=_colsum):
     n, h, wd, c = x_shape
     kh, kw, _, f = w.shape
     ho, wo = h - kh + 1, wd - kw + 1
     d2 = dout.reshape(n * ho * wo, f)
     dw = mm(patches.T, d2).reshape(w.shape)
     if not need_dx:
-        return None, dw, d2.sum(axis=0)
+        return None, dw, colsum(d2)
     dpatches = mm(d2, w.reshape(kh * kw * c, f).T).reshape(n, ho, wo, kh * kw, c)
     dx = xp.zeros(x_shape, dtype=dout.dtype)
     for t in range(kh * kw):  # one scatter-add per kernel tap
         i, j = divmod(t, kw)
         dx[:, i : i + ho, j : j + wo, :] += dpatches[:, :, :, t, :]
-    return dx, dw, d2.sum(axis=0)
+    return dx, dw, colsum(d2)
 
 
 def _pool_forward(xp, x, p):
@@ -210,7 +214,7 @@ def forward(xp, spec: ModelSpec, params, x, keep=False, mm=_mm):
     return x, caches
 
 
-def backward(xp, spec: ModelSpec, params, caches, dout, mm=_mm):
+def backward(xp, spec: ModelSpec, params, caches, dout, mm=_mm, colsum=_colsum):
     """Gradients of every parameter, in ``spec.param_names()`` order, given d loss / d output."""
     grads = [None] * len(params)
     k = len(params)
@@ -219,7 +223,7 @@ def backward(xp, spec: ModelSpec, params, caches, dout, mm=_mm):
             k -= 2
             x, z, a = cache
             dz = _act_grad(xp, z, a, layer.activation, dout)
-            grads[k], grads[k + 1] = mm(x.T, dz), dz.sum(axis=0)
+            grads[k], grads[k + 1] = mm(x.T, dz), colsum(dz)
             if k == 0:
                 break  # the first parametrised layer: nothing needs the gradient of the data
             dout = mm(dz, params[k].T)
@@ -227,7 +231,8 @@ def backward(xp, spec: ModelSpec, params, caches, dout, mm=_mm):
             k -= 2
             x_shape, patches, z, a = cache
             dz = _act_grad(xp, z, a, layer.activation, dout)
-            dout, grads[k], grads[k + 1] = _conv_backward(xp, x_shape, params[k], patches, dz, need_dx=k > 0, mm=mm)
+            dout, grads[k], grads[k + 1] = _conv_backward(xp, x_shape, params[k], patches, dz, need_dx=k > 0, mm=mm,
+                                                          colsum=colsum)
             if k == 0:
                 break
         elif isinstance(layer, MaxPool2D):
@@ -256,9 +261,9 @@ ROUNDING_VARIANTS = {
     "reversed": "the samples of each batch in reverse order (batch sums in the other order)",
     "adam_order": "Adam's moments and update in torch.optim.Adam's order (m = b1*m + (1-b1)*g, alpha*(m/(sqrt(v)+eps)))",
     "formula": "the loss gradient's and predictions' softmax as exp(z-max)/sum, sigmoid as 0.5+0.5*tanh(z/2)",
-    "mca": "Monte Carlo arithmetic: every matmul result moved by eps*(|a|@|b|)*U(-1, 1) (one ulp of the sum of its "
-           "terms' magnitudes: a sum in another order) and every Adam moment by one random ulp, seeded by the variant's "
-           "name",
+    "mca": "Monte Carlo arithmetic: every matmul result and bias-gradient sum moved by eps*(sum of its terms' "
+           "magnitudes)*U(-1, 1) (a sum in another order), the loss, its gradient and every Adam moment by one random "
+           "ulp, seeded by the variant's name",
 }
 
 
@@ -285,6 +290,7 @@ class Model(ModelBase):
         self.rounding = rounding
         self.mm = _mm_blocked if "blocked" in rounding else _mm
         self.perturb = None
+        self.colsum = _colsum
         if "mca" in rounding:  # Monte Carlo arithmetic: one random ulp on every matmul's result and every update
             rng = np.random.default_rng([int(options.extra.get("mca_seed", 0)), *map(ord, "+".join(rounding))])
             eps = np.finfo(self.dtype).eps
@@ -301,8 +307,12 @@ class Model(ModelBase):
                 r = base(a, b)
                 return r + eps * (self.xp.abs(a) @ self.xp.abs(b)) * noise(r.shape, r.dtype)
 
+            def colsum(a):  # a bias gradient: the batch's sum, in another order
+                return a.sum(axis=0) + eps * self.xp.abs(a).sum(axis=0) * noise(a.shape[1:], a.dtype)
+
             base = self.mm
             self.mm = mm
+            self.colsum = colsum
             self.perturb = perturb
         self.info = {"optimizer": f"hand-written {type(opt).__name__}"
                      + (f" ({opt.convention} convention)" if isinstance(opt, Adam) else ""),
@@ -321,7 +331,9 @@ class Model(ModelBase):
     def _loss_grads(self, x, y):
         out, caches = forward(self.xp, self.spec, self.params, x, keep=True, mm=self.mm)
         loss, dout = loss_and_grad(self.xp, self.spec, out, y, alt_formula="formula" in self.rounding)
-        return loss, backward(self.xp, self.spec, self.params, caches, dout, mm=self.mm)
+        if self.perturb is not None:  # the loss and its gradient rounded another way (another exp, log, sum order)
+            loss, dout = self.perturb(loss), self.perturb(dout)
+        return loss, backward(self.xp, self.spec, self.params, caches, dout, mm=self.mm, colsum=self.colsum)
 
     def gradients(self, x, y):
         loss, grads = self._loss_grads(*self._in(x, y))
