@@ -193,9 +193,10 @@ def format_selftest(result: dict, tablefmt: str = "simple") -> str:
         lines.append(tabulate(rows, headers=["backend", "dtype", "clean rows run", "false alarms", "errors",
                                              "worst error / bound", "skipped"], tablefmt=tablefmt))
         n_fa, n_run = len(result["false_alarms"]), sum(r["status"] != Status.SKIPPED for r in clean)
-        lines.append(f"\nfalse alarms: {n_fa} of {n_run} clean rows ({len({r['seed'] for r in clean})} seeds x "
-                     f"{', '.join(result['models'])} x {', '.join(result['dtypes'])} x both batch sizes); "
-                     f"errors: {len(result['errors'])}")
+        seeds = {m: len({r["seed"] for r in clean if r["model"] == m}) for m in result["models"]}
+        per_model = ", ".join(f"{m} {n} seeds" for m, n in seeds.items())
+        lines.append(f"\nfalse alarms: {n_fa} of {n_run} clean rows ({per_model}; {', '.join(result['dtypes'])}; "
+                     f"both batch sizes); errors: {len(result['errors'])}")
         for r in result["false_alarms"] + result["errors"]:
             lines.append(f"  {r['status'].upper()} {r['model']} {r['dtype']} {r['backend']} seed {r['seed']} batch "
                          f"{r['batch_size']}: {r['reason']}")
