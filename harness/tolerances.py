@@ -29,12 +29,14 @@ class Policy:
 
 
 POLICY: dict[str, Policy] = {
-    "float32": Policy(16.0, 256.0, 8.0, "results/calibration.md (float32): correct backends stay below 0.3 of the "
-                      "bound, the faintest planted bug (Adam's epsilon convention at batch 1) is 9.5x beyond it"),
+    "float32": Policy(16.0, 256.0, 8.0, "results/calibration.md (float32): over 50 seeds correct backends stay below "
+                      "0.25 of the bound on the 4-3-1 net, Pima and the MNIST MLP, and the faintest planted bug (Adam's "
+                      "epsilon convention at batch 1) is 9.5x beyond it; the MNIST CNN (25 seeds) reaches 1.14x at one "
+                      "seed (JAX, a late loss after a ReLU/max-pool switch): an open defect, not a reason to widen"),
     "float64": Policy(16.0, 256.0, 2.0 ** 20, "results/calibration.md (float64): XLA's float64 gradients of "
-                      "ill-conditioned entries, amplified by Adam's normalisation, sit up to ~2e5 units from the oracle "
-                      "(jax, mnist_mlp, seed 1, batch 100) where NumPy's variants agree; the faintest planted bug "
-                      "(float32 accumulation) is over 100x beyond this floor"),
+                      "ill-conditioned entries, amplified by Adam's normalisation, sit up to ~1.3e5 units from the "
+                      "oracle (jax, mnist_mlp, seed 1, batch 100) where NumPy's variants agree; the faintest planted bug "
+                      "(float32 accumulation) is over 100x beyond this bound"),
 }
 
 
