@@ -410,8 +410,11 @@ def run_oracle(job: Job, dtype: str, steps: int, check_every: int, options: dict
 
     progress(f"oracle: numpy float64 and its rounding variants in {dtype} ({len(runs)} runs: seeds {_span(job.seeds)}, "
              f"batch sizes {job.batch_sizes})")
-    run_backend(ORACLE, job, runs, {**options, "dtype": "float64", "mode": "aligned", "fast": False, "extra": {}},
-                timeout, work, on_row)
+    try:
+        run_backend(ORACLE, job, runs, {**options, "dtype": "float64", "mode": "aligned", "fast": False, "extra": {}},
+                    timeout, work, on_row)
+    except Interrupted:  # Ctrl-C during the oracle: no backend row has run yet (the oracle's rows are not results)
+        raise Interrupted([]) from None
     for p in oracle.problems:
         progress(f"  {p}")
     return oracle
