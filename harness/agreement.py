@@ -115,7 +115,7 @@ def observations(spec, arrays: dict) -> dict[Key, np.ndarray]:
     return obs
 
 
-def units(a, ref, eps: float, floor: float) -> float:
+def units(a, ref, dtype: str, floor: float) -> float:
     """``max_i |a_i - ref_i| / (eps * max(|ref_i|, floor))``: the distance in rounding units of each element (an ulp,
     within a factor 2), never finer than ``floor`` (a fraction of the whole set's scale): inf for a shape mismatch or
     a NaN/Inf."""
@@ -130,13 +130,11 @@ def units(a, ref, eps: float, floor: float) -> float:
         return 0.0
     # never finer than the dtype's smallest normal number: below it (denormals) a framework that flushes to zero is
     # as right as one that does not (mnist_mlp seed 3 batch 1: a whole gradient set of ~1e-312 against exact zeros)
-    den = np.maximum(eps * np.maximum(np.abs(ref), floor), np.finfo(dtype_of(eps)).tiny)
+    info = np.finfo(dtype)
+    den = np.maximum(float(info.eps) * np.maximum(np.abs(ref), floor), float(info.tiny))
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         return float(np.max(np.where(diff > 0, diff / den, 0.0)))
 
-
-def dtype_of(eps: float) -> str:
-    return "float32" if eps == float(np.finfo(np.float32).eps) else "float64"
 
 
 @dataclass
@@ -148,10 +146,6 @@ class Reference:
     envelope: dict[Key, float]  # largest units(variant, oracle) per check (invariance: largest gap of any variant)
     floors: dict[Key, float]  # the smallest magnitude an element's rounding unit is measured from, per check
     variants: list[str] = field(default_factory=list)
-
-    @property
-    def eps(self) -> float:
-        return float(np.finfo(self.dtype).eps)
 
     def bound(self, key: Key, factor: float = 1.0) -> tuple[float, float]:
         """(bound, envelope) of one check in rounding units; ``factor`` 2 for a pair of backends."""
@@ -184,23 +178,22 @@ def build_reference(spec, dtype: str, oracle: dict, variants: dict[str, dict]) -
     the float64 ``oracle`` arrays.  A variant that diverged or lacks a check contributes nothing there."""
     obs = observations(spec, oracle)
     floors = _floors(spec, obs)
-    eps = float(np.finfo(dtype).eps)
     env: dict[Key, float] = {k: 0.0 for k in obs}
     for arrays in variants.values():
         vobs = observations(spec, arrays)
         for k, ref in obs.items():
             if k in vobs:
-                d = units(vobs[k], ref, eps, floors[k])
+                d = units(vobs[k], ref, dtype, floors[k])
                 if np.isfinite(d):
                     env[k] = max(env[k], d)
     for arrays in [oracle, *variants.values()]:
-        for k, d in invariance_units(spec, arrays, eps, floors).items():
+        for k, d in invariance_units(spec, arrays, dtype, floors).items():
             if np.isfinite(d):
                 env[k] = max(env.get(k, 0.0), d)
     return Reference(dtype, obs, env, floors, sorted(variants))
 
 
-def invariance_units(spec, arrays: dict, eps: float, floors: dict[Key, float]) -> dict[Key, float]:
+def invariance_units(spec, arrays: dict, dtype: str, floors: dict[Key, float]) -> dict[Key, float]:
     """Batch-size invariance within one run, at the initial weights, on a few samples (``harness.worker``): per-sample
     gradients reduced per the spec vs their batch's gradient, and batch-1 predictions vs the rows of the batch
     prediction, in rounding units."""
@@ -208,19 +201,18 @@ def invariance_units(spec, arrays: dict, eps: float, floors: dict[Key, float]) -
     for j, name in enumerate(spec.param_names()):
         if f"inv_grad/{j}" in arrays and f"inv_batch_grad/{j}" in arrays:
             key = ("invariance/grads", 0, name)
-            out[key] = units(arrays[f"inv_grad/{j}"], arrays[f"inv_batch_grad/{j}"], eps, floors[key])
+            out[key] = units(arrays[f"inv_grad/{j}"], arrays[f"inv_batch_grad/{j}"], dtype, floors[key])
     if "inv_pred_rows" in arrays and "pred_init" in arrays:
         rows = arrays["inv_pred_rows"]
         key = ("invariance/pred", 0, "probe")
-        out[key] = units(rows, arrays["pred_init"][: len(rows)], eps, floors[key])
+        out[key] = units(rows, arrays["pred_init"][: len(rows)], dtype, floors[key])
     return out
 
 
 def _check(ref: Reference, key: Key, a, b, factor: float, weight_floor: float) -> Check:
-    err, _ = scaled_error(a, b, weight_floor if key[0] == "weights" else 0.0)
-    mabs = scaled_error(a, b)[1]
+    err, mabs = scaled_error(a, b, weight_floor if key[0] == "weights" else 0.0)  # max|a-b| needs no floor
     bound, env = ref.bound(key, factor)
-    return Check(key[0], key[1], key[2], err, mabs, units(a, b, ref.eps, ref.floors[key]), bound, env)
+    return Check(key[0], key[1], key[2], err, mabs, units(a, b, ref.dtype, ref.floors[key]), bound, env)
 
 
 def compare_runs(spec, ref: Reference, row: dict, other: dict | None = None) -> list[Check]:
@@ -243,7 +235,7 @@ def compare_runs(spec, ref: Reference, row: dict, other: dict | None = None) -> 
 def invariance_checks(spec, ref: Reference, row: dict) -> list[Check]:
     """The row's own batch-size invariance gaps, bounded by the gaps of the oracle and its variants."""
     checks = []
-    for key, u in invariance_units(spec, row, ref.eps, ref.floors).items():
+    for key, u in invariance_units(spec, row, ref.dtype, ref.floors).items():
         bound, env = ref.bound(key)
         q = "inv_grad" if key[0] == "invariance/grads" else "inv_pred_rows"
         j = spec.param_names().index(key[2]) if q == "inv_grad" else None
