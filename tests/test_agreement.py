@@ -155,3 +155,18 @@ def test_a_whole_gradient_set_of_denormals_against_zeros_passes():
     assert status(spec, ref, row)["status"] == Status.PASS
     row["grads/10/0"] = np.full(spec.param_shapes()[0], 1e-300)  # normal numbers: a real difference again
     assert status(spec, ref, row)["status"] == Status.FAIL
+
+
+def test_a_late_envelope_never_shrinks_an_early_one_keeps_its_own():
+    """Past the first switch a scalar's distance wanders (MNIST CNN float32, seed 17, batch 100: the variants' loss
+    distance 1.8 units at step 5, 0.06 for one of them); the envelope at a late step is the largest seen at that check
+    at any late step so far, while steps 0 and 1 keep their own."""
+    spec = MODELS["mlp_431"]
+    oracle = fake_run(spec, np.random.default_rng(0))
+    variant = {k: v.copy() for k, v in oracle.items()}
+    eps = float(np.finfo(np.float32).eps)
+    for s, u in {0: 2.0, 1: 50.0, 2: 1.0, 3: 40.0, 4: 3.0, 5: 0.5}.items():  # the variant's loss, off by u units
+        variant["losses"][s] = oracle["losses"][s] * (1 + u * eps)
+    env = agreement.build_reference(spec, "float32", oracle, {"v": variant}).envelope
+    got = [env[("loss", s, "loss")] for s in range(6)]
+    assert got == pytest.approx([2.0, 50.0, 1.0, 40.0, 40.0, 40.0], rel=1e-3)
