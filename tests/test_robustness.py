@@ -94,9 +94,10 @@ def test_ctrl_c_saves_finished_rows_and_marks_the_partial_one(monkeypatch, resul
                              "numpy,stuck", "--results-dir", str(results_dir), "--no-timing"],
                             cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = ""
-    deadline = time.time() + 60
-    while "[2/2] stuck ..." not in seen and time.time() < deadline:
+    deadline = time.time() + 240  # generous: the oracle, its variants and numpy run first on a possibly busy machine
+    while "[2/2] stuck ..." not in seen and time.time() < deadline and proc.poll() is None:
         seen += proc.stderr.readline()
+    assert "[2/2] stuck ..." in seen, f"the stuck backend never started; stderr so far:\n{seen}"
     time.sleep(2)  # let the stuck backend reach its hang
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
