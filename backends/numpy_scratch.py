@@ -278,7 +278,8 @@ class Model(ModelBase):
         self.dtype = np.dtype(options.dtype)
         self.params = [self.xp.array(np.asarray(w, dtype=self.dtype), copy=True) for w in weights]  # never alias
         opt = spec.optimizer
-        self.t = 0
+        self.t = 0  # updates applied so far (also tells a kept gradient from a stale one)
+        self._last = None  # (t, x, y, loss, grads) of the last gradients() call, for the train step that follows it
         if isinstance(opt, Adam):
             self.m = [self.xp.zeros_like(p) for p in self.params]
             self.v = [self.xp.zeros_like(p) for p in self.params]
@@ -296,16 +297,22 @@ class Model(ModelBase):
             eps = np.finfo(self.dtype).eps
 
             def noise(shape, dtype):
-                return self.xp.asarray(rng.uniform(-1.0, 1.0, shape)).astype(dtype)
+                return self.xp.asarray(rng.uniform(-1.0, 1.0, shape)).astype(dtype, copy=False)
 
             def perturb(a):
                 return a * (1 + eps * noise(np.shape(a), a.dtype))
 
             def mm(a, b):
                 # a dot product summed in another order moves by about one ulp of the sum of its terms' magnitudes,
-                # not of the result: where the terms cancel, the result's own ulp is far smaller than its error
+                # not of the result: where the terms cancel, the result's own ulp is far smaller than its error.
+                # r + eps*|a|@|b|*noise, evaluated in place (the same roundings in the same order: x*y == y*x and
+                # x+y == y+x exactly), so that the large conv outputs are not copied three more times
                 r = base(a, b)
-                return r + eps * (self.xp.abs(a) @ self.xp.abs(b)) * noise(r.shape, r.dtype)
+                t = self.xp.abs(a) @ self.xp.abs(b)
+                t *= eps
+                t *= noise(r.shape, r.dtype)
+                t += r
+                return t
 
             def colsum(a):  # a bias gradient: the batch's sum, in another order
                 return a.sum(axis=0) + eps * self.xp.abs(a).sum(axis=0) * noise(a.shape[1:], a.dtype)
@@ -336,13 +343,31 @@ class Model(ModelBase):
         return loss, backward(self.xp, self.spec, self.params, caches, dout, mm=self.mm, colsum=self.colsum)
 
     def gradients(self, x, y):
+        x, y = self._host(x, y)
         loss, grads = self._loss_grads(*self._in(x, y))
+        self._last = (self.t, x, y, loss, grads)
         return float(loss), [self._out(g) for g in grads]
 
     def train_step(self, x, y):
-        loss, grads = self._loss_grads(*self._in(x, y))
+        x, y = self._host(x, y)
+        last, self._last = self._last, None
+        if last is not None and last[0] == self.t and np.array_equal(last[1], x) and np.array_equal(last[2], y):
+            # The harness asks for the gradient at a check step and then trains on that very batch: the update's
+            # gradient is the one just computed (same weights, same batch, same code), which halves the work of those
+            # steps.  Bit-identical in float64 and every variant without "mca".  With "mca" the update now uses the
+            # noise drawn for the reported gradient, so the random stream is consumed differently from a run that
+            # never asks for gradients; a run is still deterministic (the same calls draw the same numbers).
+            loss, grads = last[3], last[4]
+        else:
+            loss, grads = self._loss_grads(*self._in(x, y))
         self._apply(grads)
         return float(loss)
+
+    def _host(self, x, y):
+        """Own host copies in the model's dtypes: what ``gradients`` keeps for ``train_step`` to recognise its batch
+        (a copy, so that a caller reusing its buffer cannot make another batch look like the kept one)."""
+        return (np.array(x, dtype=self.dtype),
+                np.array(y, dtype=np.int64 if self.spec.loss.integer_labels else self.dtype))
 
     def _apply(self, grads):
         xp = self.xp
