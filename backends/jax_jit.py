@@ -22,7 +22,9 @@ Layouts are the canonical ones as they are: ``jnp.dot`` on ``(in, out)`` kernels
   recorded, not applied.
 
 Every jitted function is lowered and compiled ahead of time on first use per input shape, so that
-``info["trace_s"]`` (the train step's first trace + compile) is measured apart from the steps.
+``info["trace_s"]`` (the train step's first trace + compile) is measured apart from the steps.  The jitted functions
+and their executables are shared by all models of one spec, mode, dtype and device in a process (a multi-seed worker
+traces and compiles once; ``info["compile_reused"]`` counts the reused ones, whose ``compile_s`` is the first model's).
 
 Fast mode: ``train_steps`` runs ``lax.scan`` over the whole stack of batches in one compiled call instead of a Python
 loop over the jitted step (same step function inside; see the test for the agreement).
@@ -146,13 +148,31 @@ def predict_from_output(spec: ModelSpec, out):
     return out
 
 
-class _AOT:
-    """A jitted function compiled ahead of time once per argument signature, the compile time recorded apart."""
+class _Jitted:
+    """One jitted function and its compiled executables per argument signature, shared by every Model of the same
+    spec, mode, dtype and device in this process (``_SHARED``): a worker that runs many seeds traces and compiles
+    each function once.  The functions close over nothing but what that key determines (the spec, the optimizer
+    transform, the precision, constants cast to the dtype), so a later model runs the very same executable."""
 
-    def __init__(self, fn, name: str, compile_log: dict):
+    def __init__(self, fn):
         self.jitted = jax.jit(fn)
+        self.executables: dict = {}  # argument signature -> (executable, seconds its lowering and compile took)
+
+
+_SHARED: dict = {}  # (spec, mode, dtype, device, x64) -> {function name: _Jitted}
+
+
+class _AOT:
+    """A jitted function compiled ahead of time once per argument signature, the compile time recorded apart.
+
+    ``log[name]`` gets one entry per signature this model used: the seconds the compile took, also when an earlier
+    model of the same key paid it (then ``reused[name]`` counts it)."""
+
+    def __init__(self, shared: _Jitted, name: str, compile_log: dict, reused: dict):
+        self.shared = shared
         self.name = name
         self.log = compile_log
+        self.reused = reused
         self.cache: dict = {}
 
     def __call__(self, *args):
@@ -160,9 +180,15 @@ class _AOT:
         key = tuple((a.shape, a.dtype) for a in leaves)  # no str(): this runs every step
         exe = self.cache.get(key)
         if exe is None:
-            t = time.perf_counter()
-            exe = self.jitted.lower(*args).compile()
-            self.log.setdefault(self.name, []).append(round(time.perf_counter() - t, 4))
+            hit = self.shared.executables.get(key)
+            if hit is None:
+                t = time.perf_counter()
+                hit = (self.shared.jitted.lower(*args).compile(), round(time.perf_counter() - t, 4))
+                self.shared.executables[key] = hit
+            else:
+                self.reused[self.name] = self.reused.get(self.name, 0) + 1
+            exe, seconds = hit
+            self.log.setdefault(self.name, []).append(seconds)
             self.cache[key] = exe
         return exe(*args)
 
@@ -274,15 +300,19 @@ class Model(ModelBase):
             return params, state, losses
 
         self.compile_s: dict = {}
-        self._step = _AOT(step, "step", self.compile_s)
-        self._scan = _AOT(steps_scan, "scan", self.compile_s)
-        self._grads = _AOT(jax.value_and_grad(loss_fn), "gradients", self.compile_s)
-        self._predict = _AOT(lambda params, x: predict_from_output(spec, forward(spec, params, x, precision)),
-                             "predict", self.compile_s)
+        self.compile_reused: dict = {}
+        shared = _SHARED.get(key := (spec, options.mode, options.dtype, str(self.device), x64_enabled()))
+        if shared is None:  # the first model of this key: its functions are the ones every later model runs
+            shared = _SHARED[key] = {
+                "step": _Jitted(step), "scan": _Jitted(steps_scan), "gradients": _Jitted(jax.value_and_grad(loss_fn)),
+                "predict": _Jitted(lambda params, x: predict_from_output(spec, forward(spec, params, x, precision)))}
+        self._step, self._scan, self._grads, self._predict = (
+            _AOT(shared[n], n, self.compile_s, self.compile_reused) for n in ("step", "scan", "gradients", "predict"))
         if self.native:
             info["native_differences"] = diffs or [f"nothing differs: {info['optimizer']} and {info['loss']} compute "
                                                    "what the spec says"]
         info["compile_s"] = self.compile_s
+        info["compile_reused"] = self.compile_reused  # executables compiled by an earlier model of this process
         self.info = info
 
     # -- the edge for data ---------------------------------------------------------------------------------------
