@@ -92,7 +92,10 @@ def sweep(model: str, backend_names: list[str], seeds: list[int], dtype: str, st
     out: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="dlcompare-sweep-") as tmp:
         work = Path(tmp)
+        t = time.perf_counter()
         oracle = run_oracle(job, dtype, steps, cfg.check_every, options, timeout, work, progress)
+        progress(f"  {model} {dtype} oracle and its variants: seeds {seeds[0]}..{seeds[-1]} "
+                 f"({time.perf_counter() - t:.0f} s)")
         for name in backend_names:
             t = time.perf_counter()
             runs = [{"seed": s, "batch_size": b, "device": "cpu", "steps": steps, "check_every": cfg.check_every,
@@ -139,28 +142,37 @@ def run_selftest(models: list[str], dtypes: list[str], seeds: int = 5, steps: in
     plugins = {f"bug-{b}": f"harness.mutants:DLCOMPARE_MUTANT={b}" for b in BUGS}
     threads = 1 if jobs > 1 else None
     with _plugins(plugins), _jax_cache(), ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        # every model and dtype is queued at once: a pool thread that finishes its part starts the next one, instead
+        # of waiting with an idle core while the other part (often the planted bugs' sweep) runs alone
+        tasks = []
         for model in models:
             for dtype in dtypes:
                 progress(f"{model} {dtype}: {len(clean_backends)} backends clean on {seeds} seeds; {len(BUGS)} "
-                         f"planted bugs on {bug_seeds} seeds")
+                         f"planted bugs on {bug_seeds} seeds (queued)")
                 halves = [h for h in (list(range(seeds))[i::max(1, jobs)] for i in range(max(1, jobs))) if h]
                 clean = [pool.submit(sweep, model, clean_backends, h, dtype, steps, threads=threads,
                                      progress=progress) for h in halves] if clean_backends else []
                 bugs = pool.submit(sweep, model, list(plugins), list(range(bug_seeds)), dtype, steps,
                                    threads=threads, progress=progress)
-                for f in clean:
-                    clean_rows += f.result()
-                rows = bugs.result()
-                for r in rows:
-                    r["bug"] = r["backend"][4:]
-                    why = IDENTICAL_AT.get((r["bug"], r["batch_size"]))
-                    if r["bug"] == "batch_shift" and r["same_batch_every_step"]:
-                        why = "every step sees the same batch (full batch, unshuffled): a shifted order is the same"
-                    if why:
-                        r["status"], r["reason"] = Status.SKIPPED, why
-                    r["caught"] = None if r["status"] == Status.SKIPPED else (
-                        r["status"] == Status.DIVERGED or (r["status"] == Status.FAIL and r["step"] <= CATCH_WITHIN))
-                bug_rows += rows
+                tasks.append((clean, bugs))
+        try:
+            results = [([f.result() for f in clean], bugs.result()) for clean, bugs in tasks]
+        except BaseException:  # Ctrl-C or a crash: what is queued never starts; running sweeps finish as before
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        for clean, rows in results:
+            for part in clean:
+                clean_rows += part
+            for r in rows:
+                r["bug"] = r["backend"][4:]
+                why = IDENTICAL_AT.get((r["bug"], r["batch_size"]))
+                if r["bug"] == "batch_shift" and r["same_batch_every_step"]:
+                    why = "every step sees the same batch (full batch, unshuffled): a shifted order is the same"
+                if why:
+                    r["status"], r["reason"] = Status.SKIPPED, why
+                r["caught"] = None if r["status"] == Status.SKIPPED else (
+                    r["status"] == Status.DIVERGED or (r["status"] == Status.FAIL and r["step"] <= CATCH_WITHIN))
+            bug_rows += rows
     clean_rows.sort(key=lambda r: (r["model"], r["dtype"], r["backend"], r["seed"], r["batch_size"]))
     false_alarms = [r for r in clean_rows if r["status"] in (Status.FAIL, Status.DIVERGED)]
     errors = [r for r in clean_rows if r["status"] not in (Status.PASS, Status.SKIPPED, Status.FAIL, Status.DIVERGED)]
