@@ -170,3 +170,18 @@ def test_a_late_envelope_never_shrinks_an_early_one_keeps_its_own():
     env = agreement.build_reference(spec, "float32", oracle, {"v": variant}).envelope
     got = [env[("loss", s, "loss")] for s in range(6)]
     assert got == pytest.approx([2.0, 50.0, 1.0, 40.0, 40.0, 40.0], rel=1e-3)
+
+
+def test_a_late_envelope_pools_the_tensors_of_a_quantity():
+    """Which tensor a late switch hits is chance: at a late step every tensor of a quantity gets the largest distance
+    any of them showed; at steps 0 and 1 each tensor keeps its own."""
+    spec = MODELS["mlp_431"]
+    oracle = fake_run(spec, np.random.default_rng(0))
+    variant = {k: v.copy() for k, v in oracle.items()}
+    for s in (1, 10):
+        variant[f"grads/{s}/2"] = oracle[f"grads/{s}/2"] * (1 + 1e-4)  # one tensor moved, the others exact
+    env = agreement.build_reference(spec, "float32", oracle, {"v": variant}).envelope
+    names = spec.param_names()
+    assert env[("grads", 1, names[2])] > 100 and env[("grads", 1, names[0])] == 0.0
+    assert all(env[("grads", 10, n)] == env[("grads", 10, names[2])] > 100 for n in names)
+    assert env[("weights", 10, names[0])] == 0.0  # another quantity: not pooled with the gradients
