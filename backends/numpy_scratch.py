@@ -264,7 +264,11 @@ ROUNDING_VARIANTS = {
     "mca": "Monte Carlo arithmetic: every matmul result and bias-gradient sum moved by eps*(sum of its terms' "
            "magnitudes)*U(-1, 1) (a sum in another order), the loss, its gradient and every Adam moment by one random "
            "ulp, seeded by the variant's name",
+    "switch": "Monte Carlo arithmetic as 'mca' but SWITCH_ULPS times coarser: a run that takes the ReLU / max-pool "
+              "switches a correct float32 run may take and the one-ulp variants may all miss (the agreement engine "
+              "counts it only in the late envelope of gradients and weights)",
 }
+SWITCH_ULPS = 64
 
 
 class Model(ModelBase):
@@ -292,9 +296,10 @@ class Model(ModelBase):
         self.mm = _mm_blocked if "blocked" in rounding else _mm
         self.perturb = None
         self.colsum = _colsum
-        if "mca" in rounding:  # Monte Carlo arithmetic: one random ulp on every matmul's result and every update
+        if "mca" in rounding or "switch" in rounding:  # Monte Carlo arithmetic: a random ulp on every matmul's
+            # result and every update ("switch": SWITCH_ULPS of them)
             rng = np.random.default_rng([int(options.extra.get("mca_seed", 0)), *map(ord, "+".join(rounding))])
-            eps = np.finfo(self.dtype).eps
+            eps = np.finfo(self.dtype).eps * (SWITCH_ULPS if "switch" in rounding else 1)
 
             def noise(shape, dtype):
                 return self.xp.asarray(rng.uniform(-1.0, 1.0, shape)).astype(dtype, copy=False)

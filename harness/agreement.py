@@ -15,6 +15,10 @@ the bound of every check is measured in the same run, by the **rounding envelope
   cannot turn rounding into a failure, and an element that is off by more than its own rounding is still seen;
 * for every check (quantity, step, tensor) the envelope is the largest such distance of a variant to the float64
   oracle: what a correct implementation in that dtype computes there;
+* after step 1, where a ReLU or max-pool window that switches in one correct run and not in another moves single
+  elements by orders of magnitude more than rounding, the envelope of a check is pooled over the tensors of its
+  quantity and the late steps so far (``_late_envelope``), and in float32 a coarser "switch" probe, which takes those
+  switches, widens the late gradients and weights (``is_switch_probe``);
 * a backend passes a check when its distance is at most ``multiple(step) * envelope + floor_ulps``.
 
 The multiples and the floor live in ``harness/tolerances.py`` with the measurements that justify them
@@ -178,20 +182,38 @@ def build_reference(spec, dtype: str, oracle: dict, variants: dict[str, dict]) -
     the float64 ``oracle`` arrays.  A variant that diverged or lacks a check contributes nothing there."""
     obs = observations(spec, oracle)
     floors = _floors(spec, obs)
+    pol = policy(dtype)
     env: dict[Key, float] = {k: 0.0 for k in obs}
-    for arrays in variants.values():
+    for name, arrays in variants.items():
         vobs = observations(spec, arrays)
+        probe = is_switch_probe(name)
         for k, ref in obs.items():
-            if k in vobs:
+            if k in vobs and (not probe or (k[0] in SWITCH_QUANTITIES and pol.late(k[1]))):
                 d = units(vobs[k], ref, dtype, floors[k])
                 if np.isfinite(d):
                     env[k] = max(env[k], d)
-    env = _late_envelope(env, policy(dtype))
-    for arrays in [oracle, *variants.values()]:
+    env = _late_envelope(env, pol)
+    for arrays in [oracle, *(a for n, a in variants.items() if not is_switch_probe(n))]:
         for k, d in invariance_units(spec, arrays, dtype, floors).items():
             if np.isfinite(d):
                 env[k] = max(env.get(k, 0.0), d)
     return Reference(dtype, obs, env, floors, sorted(variants))
+
+
+SWITCH_QUANTITIES = ("grads", "weights")
+
+
+def is_switch_probe(variant: str) -> bool:
+    """The float32 switch probe (``backends.numpy_scratch``: Monte Carlo arithmetic at 64 ulps).
+
+    Past step 1 a float32 ReLU / max-pool trajectory either has taken a switch or not, and the two differ by three
+    orders of magnitude in single elements of the gradients and weights (MNIST CNN, seed 1, batch 100: no one-ulp
+    variant switched, their pooled late gradient envelope was 2e3 units, and TF1's correct run sat at 5.5e6 at step 10
+    after a switch).  A few one-ulp variants miss every switch in some runs; the probe takes them, so that the late
+    envelope of gradients and weights covers a switched trajectory.  It bounds nothing else: not steps 0 and 1, where
+    the bugs that show at once are caught, and not the loss and predictions, which a single switch hardly moves and in
+    which the bugs that take several steps to show (a learning-rate decay, stale Adam state) are caught."""
+    return "switch" in variant.split("+")
 
 
 def _late_envelope(env: dict[Key, float], pol) -> dict[Key, float]:

@@ -350,15 +350,19 @@ def variants_for(spec: ModelSpec, dtype: str, batch_size: int) -> list[str]:
     orders of operations (blocked matmuls and Adam in torch's order; the batch reversed and the other softmax/sigmoid
     formula; each part left out where it would compute the very same bits: batch order at batch 1, Adam's order for
     SGD, the formula where the loss has none) and all add Monte Carlo arithmetic (every k-term matmul result moved by
-    about sqrt(k) ulps of its terms, every Adam moment by one ulp, seeded by the variant's name), so that the envelope
-    also samples roundings that no reordering of NumPy's own code reaches."""
+    up to one ulp of the sum of its terms' magnitudes, every Adam moment by one ulp, seeded by the variant's name), so
+    that the envelope also samples roundings that no reordering of NumPy's own code reaches.  In float32 a "switch"
+    probe (the same at 64 ulps) takes the ReLU / max-pool switches that the one-ulp variants may all miss; it bounds
+    only late gradients and weights."""
     first, second = ["blocked"], ["reversed"] if batch_size > 1 else []
     if isinstance(spec.optimizer, Adam):
         first.append("adam_order")
     if spec.loss.prediction in ("sigmoid", "softmax"):
         second.append("formula")
     names = ["+".join(v + ["mca"]) for v in (first, second) if v] + ["mca"]
-    return (["plain"] if dtype != "float64" else []) + names
+    # float32 only: the switch probe, counted in the late envelope of gradients and weights alone (see
+    # agreement.build_reference); float64 trajectories show no switch within the compared steps (results/calibration.md)
+    return (["plain"] if dtype != "float64" else []) + names + (["switch"] if dtype == "float32" else [])
 
 
 @dataclass

@@ -185,3 +185,22 @@ def test_a_late_envelope_pools_the_tensors_of_a_quantity():
     assert env[("grads", 1, names[2])] > 100 and env[("grads", 1, names[0])] == 0.0
     assert all(env[("grads", 10, n)] == env[("grads", 10, names[2])] > 100 for n in names)
     assert env[("weights", 10, names[0])] == 0.0  # another quantity: not pooled with the gradients
+
+
+def test_the_switch_probe_bounds_only_late_gradients_and_weights():
+    """The float32 switch probe (Monte Carlo arithmetic at 64 ulps) takes the ReLU / max-pool switches the one-ulp
+    variants may all miss; it widens late gradients and weights only, never steps 0-1, the loss, predictions or the
+    batch-size invariance, where the planted bugs are caught."""
+    spec = MODELS["mlp_431"]
+    oracle = fake_run(spec, np.random.default_rng(0))
+    for j, shape in enumerate(spec.param_shapes()):
+        oracle[f"inv_batch_grad/{j}"] = np.ones(shape)
+        oracle[f"inv_grad/{j}"] = np.ones(shape)
+    oracle["inv_pred_rows"] = oracle["pred_init"][:3].copy()
+    probe = perturbed(oracle, np.random.default_rng(2), 1e-3)
+    plain = agreement.build_reference(spec, "float32", oracle, {"mca": oracle}).envelope
+    env = agreement.build_reference(spec, "float32", oracle, {"mca": oracle, "switch": probe}).envelope
+    assert agreement.is_switch_probe("switch") and not agreement.is_switch_probe("mca")
+    widened = {k for k in env if env[k] > plain[k]}
+    assert widened and all(k[0] in ("grads", "weights") and k[1] >= 2 for k in widened)
+    assert any(k[0] == "grads" for k in widened) and any(k[0] == "weights" for k in widened)
