@@ -266,7 +266,7 @@ ROUNDING_VARIANTS = {
            "ulp, seeded by the variant's name",
     "switch": "Monte Carlo arithmetic as 'mca' but SWITCH_ULPS times coarser: a run that takes the ReLU / max-pool "
               "switches a correct float32 run may take and the one-ulp variants may all miss (the agreement engine "
-              "counts it only in the late envelope of gradients and weights)",
+              "counts it only in the late envelope of gradients, weights and final predictions)",
 }
 SWITCH_ULPS = 64
 

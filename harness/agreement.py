@@ -18,7 +18,8 @@ the bound of every check is measured in the same run, by the **rounding envelope
 * after step 1, where a ReLU or max-pool window that switches in one correct run and not in another moves single
   elements by orders of magnitude more than rounding, the envelope of a check is pooled over the tensors of its
   quantity and the late steps so far (``_late_envelope``), and in float32 a coarser "switch" probe, which takes those
-  switches, widens the late gradients and weights (``is_switch_probe``);
+  switches, widens the late gradients, weights and final predictions (``is_switch_probe``); a gradient after step 0 that
+  leaves the trajectory's envelope is judged again at the run's own weights (``local_gradient_checks``);
 * a backend passes a check when its distance is at most ``multiple(step) * envelope + floor_ulps``.
 
 The multiples and the floor live in ``harness/tolerances.py`` with the measurements that justify them
@@ -200,7 +201,7 @@ def build_reference(spec, dtype: str, oracle: dict, variants: dict[str, dict]) -
     return Reference(dtype, obs, env, floors, sorted(variants))
 
 
-SWITCH_QUANTITIES = ("grads", "weights")
+SWITCH_QUANTITIES = ("grads", "weights", "pred")
 
 
 def is_switch_probe(variant: str) -> bool:
@@ -210,9 +211,11 @@ def is_switch_probe(variant: str) -> bool:
     orders of magnitude in single elements of the gradients and weights (MNIST CNN, seed 1, batch 100: no one-ulp
     variant switched, their pooled late gradient envelope was 2e3 units, and TF1's correct run sat at 5.5e6 at step 10
     after a switch).  A few one-ulp variants miss every switch in some runs; the probe takes them, so that the late
-    envelope of gradients and weights covers a switched trajectory.  It bounds nothing else: not steps 0 and 1, where
-    the bugs that show at once are caught, and not the loss and predictions, which a single switch hardly moves and in
-    which the bugs that take several steps to show (a learning-rate decay, stale Adam state) are caught."""
+    envelope of gradients, weights and the final predictions (a function of those weights: TF1 at seed 36, batch 1,
+    sat at 300x the one-ulp variants' spread there) covers a switched trajectory.  It bounds nothing else: not steps 0
+    and 1, where the bugs that show at once are caught, and not the loss, in which the bugs that take several steps to
+    show (a learning-rate decay, stale Adam state) are caught: the loss keeps the one-ulp variants' envelope and the
+    late multiple."""
     return "switch" in variant.split("+")
 
 
@@ -278,6 +281,51 @@ def compare_runs(spec, ref: Reference, row: dict, other: dict | None = None) -> 
         checks.append(Check("loss", min(n_row, n_ref), "steps", float("inf"), float("inf"), float("inf"), 0.0, None,
                             f"ran {n_row} steps, reference ran {n_ref}"))
     checks.sort(key=lambda c: c.step)
+    return checks
+
+
+def local_gradient_checks(spec, dtype: str, row: dict, batches: dict[int, tuple], variants: list[str]) -> list[Check]:
+    """Gradients after step 0 checked where they were computed: at the run's own weights.
+
+    A gradient at step s >= 1 is evaluated at weights that have already parted from the oracle's: Adam's first step
+    moves every weight whose gradient is near zero by up to a learning rate on the sign of its rounding, and from there
+    ReLU and max-pool switches follow (MNIST CNN float32: torch at seed 45, batch 100, step 1, conv2 kernel 20x the
+    variants' trajectory envelope; TF1 at seed 36, batch 1, step 10, 5% of the tensor's largest gradient).  No
+    trajectory envelope bounds that and still sees anything.  So where a run's gradient at a step leaves the trajectory's
+    envelope and the run recorded its weights there too (steps 1 and 10 by default), the float64 oracle and its rounding
+    variants in ``dtype`` are evaluated at *that run's* weights on that step's batch (``batches``: step -> (x, y)), and
+    the run's gradient must lie within the early multiple of those variants' spread: the gradient function itself is
+    checked, trajectory or not (``runner.judge``).  The trajectory is still checked by the weights and the loss."""
+    import backends.numpy_scratch as numpy_oracle
+    from backends.base import BuildOptions
+
+    pol = policy(dtype)
+    names = spec.param_names()
+    weights, grads = _indexed(row, "weights"), _indexed(row, "grads")
+    checks = []
+    for s in sorted(set(weights) & set(grads) & set(batches)):
+        if s < 1 or len(weights[s]) != len(names) or len(grads[s]) != len(names):
+            continue
+        w = [np.asarray(a, np.float64) for a in weights[s]]
+        if not all(np.all(np.isfinite(a)) for a in w):
+            continue
+        x, y = batches[s]
+        _, g64 = numpy_oracle.Model(spec, w, BuildOptions(dtype="float64")).gradients(np.asarray(x, np.float64), y)
+        floor = SET_FRACTION * max(_max_abs(g) for g in g64)
+        env = [0.0] * len(names)
+        xd = np.asarray(x, dtype)
+        yd = y if spec.loss.integer_labels else np.asarray(y, dtype)
+        for v in variants:
+            m = numpy_oracle.Model(spec, w, BuildOptions(dtype=dtype, extra={"rounding": "" if v == "plain" else v}))
+            for j, g in enumerate(m.gradients(xd, yd)[1]):
+                d = units(g, g64[j], dtype, floor)
+                if np.isfinite(d):
+                    env[j] = max(env[j], d)
+        for j, name in enumerate(names):
+            err, mabs = scaled_error(grads[s][j], g64[j])
+            bound = pol.early_multiple * env[j] + pol.floor_ulps
+            checks.append(Check("grads", s, name, err, mabs, units(grads[s][j], g64[j], dtype, floor), bound, env[j],
+                                "at this run's own weights"))
     return checks
 
 

@@ -353,15 +353,15 @@ def variants_for(spec: ModelSpec, dtype: str, batch_size: int) -> list[str]:
     up to one ulp of the sum of its terms' magnitudes, every Adam moment by one ulp, seeded by the variant's name), so
     that the envelope also samples roundings that no reordering of NumPy's own code reaches.  In float32 a "switch"
     probe (the same at 64 ulps) takes the ReLU / max-pool switches that the one-ulp variants may all miss; it bounds
-    only late gradients and weights."""
+    only late gradients, weights and final predictions."""
     first, second = ["blocked"], ["reversed"] if batch_size > 1 else []
     if isinstance(spec.optimizer, Adam):
         first.append("adam_order")
     if spec.loss.prediction in ("sigmoid", "softmax"):
         second.append("formula")
     names = ["+".join(v + ["mca"]) for v in (first, second) if v] + ["mca"]
-    # float32 only: the switch probe, counted in the late envelope of gradients and weights alone (see
-    # agreement.build_reference); float64 trajectories show no switch within the compared steps (results/calibration.md)
+    # float32 only: the switch probe, counted in the late envelope of gradients, weights and final predictions alone
+    # (agreement.is_switch_probe); float64 trajectories show no switch within the compared steps (results/calibration.md)
     return (["plain"] if dtype != "float64" else []) + names + (["switch"] if dtype == "float32" else [])
 
 
@@ -428,8 +428,18 @@ def _span(seeds: list[int]) -> str:
     return f"{seeds[0]}..{seeds[-1]}" if len(seeds) > 2 else ", ".join(map(str, seeds))
 
 
-def judge(spec: ModelSpec, row: dict, oracle: Oracle) -> None:
-    """Turn a finished run into pass / fail / diverged with its checks (in place)."""
+def _batches(job: Job, row: dict, spec: ModelSpec) -> dict[int, tuple]:
+    """step -> (x, y) of the run's batch at every step where it recorded a gradient (float64 x; integer or float64 y)."""
+    order = job.order(row["batch_size"], row.get("seed"))
+    steps = sorted(agreement._indexed(row.get("arrays", {}), "grads"))
+    x, y = job.data["x"], job.data["y"]
+    return {s: (x[order[s]].astype(np.float64), y[order[s]].astype(np.int64) if spec.loss.integer_labels
+                else y[order[s]].astype(np.float64)) for s in steps if s < len(order)}
+
+
+def judge(spec: ModelSpec, row: dict, oracle: Oracle, job: Job | None = None) -> None:
+    """Turn a finished run into pass / fail / diverged with its checks (in place); with ``job`` (its data and batch
+    orders) the gradients after step 0 are checked at the run's own weights."""
     arrays = row.get("arrays", {})
     nonfinite = agreement.first_nonfinite(spec, arrays) if row["status"] in (Status.OK, Status.DIVERGED) else None
     if row["status"] == Status.DIVERGED or nonfinite:
@@ -445,6 +455,17 @@ def judge(spec: ModelSpec, row: dict, oracle: Oracle) -> None:
         row["reason"] = "no oracle run to compare with" + (f" ({o['status']}: {o.get('reason')})" if o else "")
         return
     checks = agreement.invariance_checks(spec, ref, arrays) + agreement.compare_runs(spec, ref, arrays)
+    # a gradient after step 0 outside the trajectory's envelope is judged again where it was computed, at the run's own
+    # weights (agreement.local_gradient_checks): either is evidence of a correct implementation, and only the rare
+    # failing step pays for the oracle's re-evaluation
+    parted = {c.step for c in checks if c.quantity == "grads" and c.ok is False and c.step >= 1}
+    if job is not None and parted:
+        batches = {s: xy for s, xy in _batches(job, row, spec).items() if s in parted}
+        local = agreement.local_gradient_checks(spec, ref.dtype, arrays, batches,
+                                                [v for v in ref.variants if not agreement.is_switch_probe(v)])
+        steps = {c.step for c in local}
+        checks = [c for c in checks if not (c.quantity == "grads" and c.step in steps)] + local
+        checks.sort(key=lambda c: c.step)
     summary = agreement.summarize(checks)
     summary["variants"] = ref.variants
     row["checks"] = [c.as_dict() for c in checks if c.ok is False][:50]  # the failing ones; worst kept in summary
@@ -487,7 +508,7 @@ def compare(cfg: CompareConfig, progress: Callable[[str], None] = lambda s: None
                         for d in devices for bs in job.batch_sizes]
                 rows = run_backend(b, job, runs, options, cfg.timeout, work)
                 for row in rows:
-                    judge(spec, row, oracle)
+                    judge(spec, row, oracle, job)
                     timing_ = (row.get("meta") or {}).get("timing")
                     if timing_:  # an epoch = the full batches of the training set
                         timing_["epoch_s"] = timing_["median_s"] * (len(job.data["x"]) // row["batch_size"])
@@ -497,7 +518,7 @@ def compare(cfg: CompareConfig, progress: Callable[[str], None] = lambda s: None
                          + f" ({time.perf_counter() - t:.1f} s)")
         except Interrupted as e:
             for row in e.rows:
-                judge(spec, row, oracle)
+                judge(spec, row, oracle, job)
             result["rows"] += e.rows
             result["interrupted"] = True
         except KeyboardInterrupt:

@@ -102,7 +102,7 @@ def sweep(model: str, backend_names: list[str], seeds: list[int], dtype: str, st
                      "timing": None, "repeat": False} for s in seeds for b in job.batch_sizes]
 
             def on_row(row: dict) -> dict:
-                judge(spec, row, oracle)
+                judge(spec, row, oracle, job)
                 rec = {"model": model, "dtype": dtype, **_summary(row),
                        "same_batch_every_step": same_batch[(row.get("seed"), row["batch_size"])]}
                 if rec["status"] not in (Status.PASS, Status.SKIPPED) and not rec["backend"].startswith("bug-"):

@@ -189,8 +189,8 @@ def test_a_late_envelope_pools_the_tensors_of_a_quantity():
 
 def test_the_switch_probe_bounds_only_late_gradients_and_weights():
     """The float32 switch probe (Monte Carlo arithmetic at 64 ulps) takes the ReLU / max-pool switches the one-ulp
-    variants may all miss; it widens late gradients and weights only, never steps 0-1, the loss, predictions or the
-    batch-size invariance, where the planted bugs are caught."""
+    variants may all miss; it widens late gradients, weights and final predictions only, never steps 0-1, the loss or
+    the batch-size invariance, where the planted bugs are caught."""
     spec = MODELS["mlp_431"]
     oracle = fake_run(spec, np.random.default_rng(0))
     for j, shape in enumerate(spec.param_shapes()):
@@ -202,5 +202,29 @@ def test_the_switch_probe_bounds_only_late_gradients_and_weights():
     env = agreement.build_reference(spec, "float32", oracle, {"mca": oracle, "switch": probe}).envelope
     assert agreement.is_switch_probe("switch") and not agreement.is_switch_probe("mca")
     widened = {k for k in env if env[k] > plain[k]}
-    assert widened and all(k[0] in ("grads", "weights") and k[1] >= 2 for k in widened)
+    assert widened and all(k[0] in ("grads", "weights", "pred") and k[1] >= 2 for k in widened)
     assert any(k[0] == "grads" for k in widened) and any(k[0] == "weights" for k in widened)
+
+
+def test_gradients_after_step_0_are_checked_at_the_runs_own_weights():
+    """A float32 run whose weights have parted from the oracle's (a switch, Adam's sign on a near-zero gradient) still
+    computes the right gradient *at its own weights*: that passes however far the trajectory went, and a wrong gradient
+    function fails there (here 1e-3 off)."""
+    from backends.base import BuildOptions
+    from backends.numpy_scratch import Model
+
+    spec = MODELS["pima_mlp"]
+    rng = np.random.default_rng(0)
+    w = [rng.normal(0, 0.3, s) for s in spec.param_shapes()]
+    x, y = rng.normal(size=(10, 8)), rng.integers(0, 2, (10, 1)).astype(np.float64)
+    parted = [a + rng.normal(0, 1e-2, a.shape) for a in w]  # far outside any trajectory envelope
+    row = {f"weights/1/{j}": a for j, a in enumerate(parted)}
+    _, g = Model(spec, parted, BuildOptions(dtype="float32")).gradients(x.astype(np.float32), y.astype(np.float32))
+    row.update({f"grads/1/{j}": np.asarray(a, np.float64) for j, a in enumerate(g)})
+    variants = ["plain", "blocked+mca", "mca"]
+    checks = agreement.local_gradient_checks(spec, "float32", row, {1: (x, y)}, variants)
+    assert len(checks) == len(spec.param_names()) and all(c.ok for c in checks)
+    assert all(c.step == 1 and c.why == "at this run's own weights" for c in checks)
+    row["grads/1/0"] = row["grads/1/0"] * (1 + 1e-3)
+    bad = [c for c in agreement.local_gradient_checks(spec, "float32", row, {1: (x, y)}, variants) if not c.ok]
+    assert [(c.quantity, c.tensor) for c in bad] == [("grads", "dense0/kernel")]
