@@ -428,10 +428,9 @@ def _span(seeds: list[int]) -> str:
     return f"{seeds[0]}..{seeds[-1]}" if len(seeds) > 2 else ", ".join(map(str, seeds))
 
 
-def _batches(job: Job, row: dict, spec: ModelSpec) -> dict[int, tuple]:
-    """step -> (x, y) of the run's batch at every step where it recorded a gradient (float64 x; integer or float64 y)."""
+def _batches(job: Job, row: dict, spec: ModelSpec, steps: set[int]) -> dict[int, tuple]:
+    """step -> (x, y) of the run's batch at each of ``steps`` (float64 x; integer or float64 y)."""
     order = job.order(row["batch_size"], row.get("seed"))
-    steps = sorted(agreement._indexed(row.get("arrays", {}), "grads"))
     x, y = job.data["x"], job.data["y"]
     return {s: (x[order[s]].astype(np.float64), y[order[s]].astype(np.int64) if spec.loss.integer_labels
                 else y[order[s]].astype(np.float64)) for s in steps if s < len(order)}
@@ -439,7 +438,7 @@ def _batches(job: Job, row: dict, spec: ModelSpec) -> dict[int, tuple]:
 
 def judge(spec: ModelSpec, row: dict, oracle: Oracle, job: Job | None = None) -> None:
     """Turn a finished run into pass / fail / diverged with its checks (in place); with ``job`` (its data and batch
-    orders) the gradients after step 0 are checked at the run's own weights."""
+    orders) a gradient after step 0 that leaves the trajectory's envelope is judged again at the run's own weights."""
     arrays = row.get("arrays", {})
     nonfinite = agreement.first_nonfinite(spec, arrays) if row["status"] in (Status.OK, Status.DIVERGED) else None
     if row["status"] == Status.DIVERGED or nonfinite:
@@ -460,8 +459,7 @@ def judge(spec: ModelSpec, row: dict, oracle: Oracle, job: Job | None = None) ->
     # failing step pays for the oracle's re-evaluation
     parted = {c.step for c in checks if c.quantity == "grads" and c.ok is False and c.step >= 1}
     if job is not None and parted:
-        batches = {s: xy for s, xy in _batches(job, row, spec).items() if s in parted}
-        local = agreement.local_gradient_checks(spec, ref.dtype, arrays, batches,
+        local = agreement.local_gradient_checks(spec, ref.dtype, arrays, _batches(job, row, spec, parted),
                                                 [v for v in ref.variants if not agreement.is_switch_probe(v)])
         steps = {c.step for c in local}
         checks = [c for c in checks if not (c.quantity == "grads" and c.step in steps)] + local
