@@ -92,7 +92,10 @@ def test_ctrl_c_saves_finished_rows_and_marks_the_partial_one(monkeypatch, resul
     env = dict(os.environ, DLCOMPARE_PLUGINS="stuck=tests.fault_backend:FAULT=hang", PYTHONPATH=str(PROJECT_ROOT))
     proc = subprocess.Popen([sys.executable, "-m", "harness", "compare", "--model", "mlp_431", "--backends",
                              "numpy,stuck", "--results-dir", str(results_dir), "--no-timing"],
-                            cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a user's terminal: Ctrl-C is not ignored (a shell's background job inherits SIGINT
+                            # ignored, and then Python raises no KeyboardInterrupt at all)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = ""
     deadline = time.time() + 240  # generous: the oracle, its variants and numpy run first on a possibly busy machine
     while "[2/2] stuck ..." not in seen and time.time() < deadline and proc.poll() is None:
