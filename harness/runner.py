@@ -412,7 +412,7 @@ def run_oracle(job: Job, dtype: str, steps: int, check_every: int, options: dict
                 oracle.references[key] = agreement.build_reference(spec, dtype, o["arrays"], good)
         return {k: v for k, v in row.items() if k != "arrays"}
 
-    progress(f"oracle: numpy float64 and its rounding variants in {dtype} ({len(runs)} runs: seeds {_span(job.seeds)}, "
+    progress(f"oracle: numpy float64 and its rounding variants in {dtype} ({len(runs)} runs: seeds {span(job.seeds)}, "
              f"batch sizes {job.batch_sizes})")
     try:
         run_backend(ORACLE, job, runs, {**options, "dtype": "float64", "mode": "aligned", "fast": False, "extra": {}},
@@ -424,7 +424,7 @@ def run_oracle(job: Job, dtype: str, steps: int, check_every: int, options: dict
     return oracle
 
 
-def _span(seeds: list[int]) -> str:
+def span(seeds: list[int]) -> str:
     return f"{seeds[0]}..{seeds[-1]}" if len(seeds) > 2 else ", ".join(map(str, seeds))
 
 

@@ -27,7 +27,7 @@ import backends
 
 from . import agreement
 from .mutants import BUGS, IDENTICAL_AT
-from .runner import CompareConfig, UserError, judge, prepare, run_backend, run_oracle, validate
+from .runner import CompareConfig, UserError, judge, prepare, run_backend, run_oracle, span, validate
 from .status import Status
 
 CATCH_WITHIN = agreement.EARLY  # a planted bug must be caught at or before this step
@@ -94,7 +94,7 @@ def sweep(model: str, backend_names: list[str], seeds: list[int], dtype: str, st
         work = Path(tmp)
         t = time.perf_counter()
         oracle = run_oracle(job, dtype, steps, cfg.check_every, options, timeout, work, progress)
-        progress(f"  {model} {dtype} oracle and its variants: seeds {seeds[0]}..{seeds[-1]} "
+        progress(f"  {model} {dtype} oracle and its variants: seeds {span(seeds)} "
                  f"({time.perf_counter() - t:.0f} s)")
         for name in backend_names:
             t = time.perf_counter()
