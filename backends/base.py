@@ -5,10 +5,20 @@ A backend is one module (``backends/<name>.py``) that imports its framework only
 * ``CAPABILITIES``: a :class:`Capabilities` (dtypes, devices, modes it can run; notes for the report);
 * ``def probe() -> str``: import the framework and return its version string (raises ``ImportError`` if missing);
 * ``def devices() -> list[str]``: the devices this process can use, a subset of ``("cpu", "cuda")``;
-* ``class Model``: implements :class:`Model` below.
+* ``class Model``: implements :class:`Model` below;
+* ``LAYER_BUILDERS`` / ``OPTIMIZER_BUILDERS``: dicts from every type of the spec vocabulary (``models.spec.LAYERS``,
+  ``models.spec.OPTIMIZERS``) to the backend's builder for it, or to a string saying why the backend cannot express
+  it.  The backend looks every layer and the optimizer up through :func:`lookup`, so a type it lacks is a
+  ``skipped: <backend> has no <Layer>`` row, never a silent drop (tests/test_conformance.py checks every backend).
 
 Data crosses the edge as NumPy arrays in the canonical layout (dense ``(in, out)``, conv HWIO, inputs NHWC, flatten in
 (h, w, c) order); a backend converts on the way in and back out, and says where in its module docstring.
+
+Training mode and state: ``train_step`` and ``gradients`` run the network in training mode (BatchNorm on the batch's
+statistics, dropout on), ``predict`` in inference mode (moving statistics, no dropout).  Non-trainable state
+(``spec.state_names()``) starts at ``models.spec.init_state(spec)``, moves in ``train_step`` only, and is returned by
+``get_state`` in canonical layout.  In aligned mode dropout multiplies by :meth:`ModelBase.dropout_masks` (drawn by the
+harness from the run's seed and the step), so that every backend drops the same values.
 
 Modes: ``"aligned"`` (default) reproduces the spec exactly, with the framework's own ops where a built-in cannot be
 configured to match; ``"native"`` uses the framework's untouched defaults (Adam epsilon and its convention, loss
@@ -22,7 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from models.spec import DTYPES, ModelSpec
+from models.spec import DTYPES, ModelSpec, dropout_masks
 
 MODES = ("aligned", "native")
 DEVICES = ("cpu", "cuda")
@@ -30,6 +40,20 @@ DEVICES = ("cpu", "cuda")
 
 class Unsupported(Exception):
     """Raised by a backend for a configuration it cannot run; the harness turns it into a ``skipped:`` row."""
+
+
+def lookup(table: dict, item, backend: str):
+    """``table[type(item)]``: a backend's builder for a layer or optimizer of the spec.
+
+    A type missing from the table, or mapped to a reason string, raises :class:`Unsupported` naming the backend and the
+    type (``torch has no BatchNorm``): the one error every backend gives, so nothing is dropped silently."""
+    name = type(item).__name__
+    entry = table.get(type(item))
+    if entry is None:
+        raise Unsupported(f"{backend} has no {name}")
+    if isinstance(entry, str):
+        raise Unsupported(f"{backend} has no {name}: {entry}")
+    return entry
 
 
 @dataclass(frozen=True)
@@ -47,6 +71,7 @@ class BuildOptions:
     mode: str = "aligned"  # "aligned" | "native"
     threads: int | None = None  # intra-op threads; None leaves the framework's default
     fast: bool = False  # the backend's fast mode (jit_compile, CUDA graphs, scan) where it has one
+    seed: int = 0  # the run's seed: the dropout masks of aligned mode are drawn from it
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -76,6 +101,10 @@ class Model(Protocol):
 
     def get_weights(self) -> list[np.ndarray]:
         """Current parameters in canonical layout and order (``spec.param_names()``)."""
+        ...
+
+    def get_state(self) -> list[np.ndarray]:
+        """Current non-trainable state in canonical layout and order (``spec.state_names()``); ``[]`` when none."""
         ...
 
     def sync(self) -> None:
@@ -110,6 +139,18 @@ class ModelBase:
 
     def train_steps(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
         return np.array([self.train_step(x, y) for x, y in zip(xs, ys)], dtype=np.float64)
+
+    def get_state(self) -> list[np.ndarray]:
+        if self.spec.state_entries():
+            raise NotImplementedError(f"{type(self).__module__} keeps state but does not export it")
+        return []
+
+    def dropout_masks(self, step: int, batch_size: int, dtype=None) -> list[np.ndarray]:
+        """The aligned dropout masks of training step ``step`` (updates applied before it), one per Dropout layer in
+        layer order, in ``dtype`` (default: the run's): 0 where dropped, ``1 / (1 - rate)`` where kept."""
+        dtype = np.dtype(dtype or self.options.dtype)
+        masks = dropout_masks(self.spec, self.options.seed, step, batch_size)
+        return [masks[i].astype(dtype) for i in self.spec.random_layers]
 
     def sync(self) -> None:
         pass

@@ -16,11 +16,12 @@ import os
 
 import numpy as np
 
-from models.spec import SGD, Adam, Conv2D, Dense, Flatten, MaxPool2D, ModelSpec
+from models.spec import SGD, Activation, Adam, BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ModelSpec, init_state
 
-from .base import BuildOptions, Capabilities, ModelBase, Unsupported
+from .base import BuildOptions, Capabilities, ModelBase, Unsupported, lookup
 
 _USE_CUPY = os.environ.get("DLCOMPARE_ARRAY_MODULE") == "cupy"
+BACKEND = "cupy" if _USE_CUPY else "numpy"
 
 CAPABILITIES = Capabilities(
     devices=("cuda",) if _USE_CUPY else ("cpu",),
@@ -182,64 +183,171 @@ def _pool_backward(xp, x_shape, p, idx, dout):
     return dx
 
 
-def forward(xp, spec: ModelSpec, params, x, keep=False, mm=_mm):
-    """Network output (before the loss's sigmoid/softmax).  With ``keep`` also the per-layer caches for backward."""
+# Each layer type maps to (forward, backward); both see a context with the array module and the rounding hooks.
+#   forward(ctx, layer, params, state, x, training, index) -> (output, cache, new_state or None)
+#   backward(ctx, layer, params, cache, dout, need_dx) -> (d input or None, [d param in the layer's order])
+# params / state are the layer's trainable / state arrays in its ParamSpec order.
+class _Ctx:
+    def __init__(self, xp, mm=_mm, colsum=_colsum, masks=None):
+        self.xp, self.mm, self.colsum, self.masks = xp, mm, colsum, masks or {}
+
+
+def _dense_fwd(ctx, layer, params, state, x, training, i):
+    z = ctx.mm(x, params[0])
+    if layer.use_bias:
+        z = z + params[1]
+    a = _act(ctx.xp, z, layer.activation)
+    return a, (x, z, a), None
+
+
+def _dense_bwd(ctx, layer, params, cache, dout, need_dx):
+    x, z, a = cache
+    dz = _act_grad(ctx.xp, z, a, layer.activation, dout)
+    grads = [ctx.mm(x.T, dz)] + ([ctx.colsum(dz)] if layer.use_bias else [])
+    return (ctx.mm(dz, params[0].T) if need_dx else None), grads
+
+
+def _conv_fwd(ctx, layer, params, state, x, training, i):
+    z, patches = _conv_forward(ctx.xp, x, params[0], ctx.mm)
+    if layer.use_bias:
+        z = z + params[1]
+    a = _act(ctx.xp, z, layer.activation)
+    return a, (x.shape, patches, z, a), None
+
+
+def _conv_bwd(ctx, layer, params, cache, dout, need_dx):
+    x_shape, patches, z, a = cache
+    dz = _act_grad(ctx.xp, z, a, layer.activation, dout)
+    dx, dw, db = _conv_backward(ctx.xp, x_shape, params[0], patches, dz, need_dx=need_dx, mm=ctx.mm,
+                                colsum=ctx.colsum)
+    return dx, [dw] + ([db] if layer.use_bias else [])
+
+
+def _pool_fwd(ctx, layer, params, state, x, training, i):
+    a, idx = _pool_forward(ctx.xp, x, layer.pool_size)
+    return a, (x.shape, idx), None
+
+
+def _pool_bwd(ctx, layer, params, cache, dout, need_dx):
+    x_shape, idx = cache
+    return _pool_backward(ctx.xp, x_shape, layer.pool_size, idx, dout), []
+
+
+def _flatten_fwd(ctx, layer, params, state, x, training, i):
+    return x.reshape(x.shape[0], -1), (x.shape,), None
+
+
+def _flatten_bwd(ctx, layer, params, cache, dout, need_dx):
+    return dout.reshape(cache[0]), []
+
+
+def _activation_fwd(ctx, layer, params, state, x, training, i):
+    a = _act(ctx.xp, x, layer.activation)
+    return a, (x, a), None
+
+
+def _activation_bwd(ctx, layer, params, cache, dout, need_dx):
+    x, a = cache
+    return _act_grad(ctx.xp, x, a, layer.activation, dout), []
+
+
+def _bn_fwd(ctx, layer, params, state, x, training, i):
+    """Normalise over every axis but the last; training: the batch's mean and biased variance (sums through the
+    rounding hook ``colsum``), the state moved by ``momentum``; inference: the moving statistics."""
+    xp = ctx.xp
+    gamma, beta = params
+    moving_mean, moving_var = state
+    x2 = x.reshape(-1, x.shape[-1])
+    n = x2.shape[0]
+    dt = x.dtype.type
+    eps = dt(layer.epsilon)
+    if not training:
+        inv = 1 / xp.sqrt(moving_var + eps)
+        return ((x2 - moving_mean) * inv * gamma + beta).reshape(x.shape), None, None
+    mean = ctx.colsum(x2) / dt(n)
+    xc = x2 - mean
+    var = ctx.colsum(xc * xc) / dt(n)
+    inv = 1 / xp.sqrt(var + eps)
+    xhat = xc * inv
+    out = (xhat * gamma + beta).reshape(x.shape)
+    stored = var * dt(n / (n - 1)) if layer.unbiased_moving_variance and n > 1 else var
+    mom = dt(layer.momentum)
+    new_state = [moving_mean * mom + mean * (1 - mom), moving_var * mom + stored * (1 - mom)]
+    return out, (x.shape, xhat, inv, gamma), new_state
+
+
+def _bn_bwd(ctx, layer, params, cache, dout, need_dx):
+    x_shape, xhat, inv, gamma = cache
+    dy = dout.reshape(xhat.shape)
+    n = dy.shape[0]
+    dbeta = ctx.colsum(dy)
+    dgamma = ctx.colsum(dy * xhat)
+    dx = None
+    if need_dx:
+        # d/dx of gamma * (x - mean(x)) / sqrt(var(x) + eps): the batch statistics depend on every sample
+        dx = ((dy - dbeta / n - xhat * (dgamma / n)) * (gamma * inv)).reshape(x_shape)
+    return dx, [dgamma, dbeta]
+
+
+def _dropout_fwd(ctx, layer, params, state, x, training, i):
+    if not training or layer.rate == 0:
+        return x, None, None
+    mask = ctx.masks[i]
+    return x * mask, mask, None
+
+
+def _dropout_bwd(ctx, layer, params, cache, dout, need_dx):
+    return (dout if cache is None else dout * cache), []
+
+
+LAYER_BUILDERS = {
+    Dense: (_dense_fwd, _dense_bwd),
+    Conv2D: (_conv_fwd, _conv_bwd),
+    MaxPool2D: (_pool_fwd, _pool_bwd),
+    Flatten: (_flatten_fwd, _flatten_bwd),
+    Activation: (_activation_fwd, _activation_bwd),
+    BatchNorm: (_bn_fwd, _bn_bwd),
+    Dropout: (_dropout_fwd, _dropout_bwd),
+}
+
+
+def _split(spec: ModelSpec, params, state):
+    """Per layer: (its trainable arrays, its state arrays), from the flat lists in canonical order."""
+    p, s = iter(params), iter(state or ())
+    out = []
+    for layer, shape in zip(spec.layers, spec.input_shapes()):
+        entries = layer.params(shape)
+        out.append(([next(p) for e in entries if e.trainable], [next(s) for e in entries if not e.trainable]))
+    return out
+
+
+def forward(xp, spec: ModelSpec, params, x, keep=False, mm=_mm, state=None, training=False, ctx=None):
+    """Network output (before the loss's sigmoid/softmax) and, with ``keep``, the per-layer caches for backward.
+    ``training`` selects training mode (batch statistics, dropout with ``ctx.masks``); the state after the pass (moved
+    by a training pass, else unchanged) is left in ``ctx.new_state``."""
+    ctx = ctx or _Ctx(xp, mm)
     caches = []
-    k = 0
-    for layer in spec.layers:
-        if isinstance(layer, Dense):
-            w, b = params[k], params[k + 1]
-            k += 2
-            z = mm(x, w) + b
-            a = _act(xp, z, layer.activation)
-            cache = (x, z, a)
-        elif isinstance(layer, Conv2D):
-            w, b = params[k], params[k + 1]
-            k += 2
-            z, patches = _conv_forward(xp, x, w, mm)
-            z = z + b
-            a = _act(xp, z, layer.activation)
-            cache = (x.shape, patches, z, a)
-        elif isinstance(layer, MaxPool2D):
-            a, idx = _pool_forward(xp, x, layer.pool_size)
-            cache = (x.shape, idx)
-        elif isinstance(layer, Flatten):
-            a = x.reshape(x.shape[0], -1)
-            cache = (x.shape,)
-        else:  # pragma: no cover - spec validation rejects unknown layers
-            raise TypeError(type(layer).__name__)
+    new_state = []
+    for i, (layer, (lp, ls)) in enumerate(zip(spec.layers, _split(spec, params, state))):
+        fwd, _ = lookup(LAYER_BUILDERS, layer, BACKEND)
+        x, cache, ns = fwd(ctx, layer, lp, ls, x, training, i)
         if keep:
             caches.append(cache)
-        x = a
+        new_state += ns if ns is not None else ls
+    ctx.new_state = new_state
     return x, caches
 
 
-def backward(xp, spec: ModelSpec, params, caches, dout, mm=_mm, colsum=_colsum):
+def backward(xp, spec: ModelSpec, params, caches, dout, mm=_mm, colsum=_colsum, ctx=None):
     """Gradients of every parameter, in ``spec.param_names()`` order, given d loss / d output."""
-    grads = [None] * len(params)
-    k = len(params)
-    for layer, cache in zip(reversed(spec.layers), reversed(caches)):
-        if isinstance(layer, Dense):
-            k -= 2
-            x, z, a = cache
-            dz = _act_grad(xp, z, a, layer.activation, dout)
-            grads[k], grads[k + 1] = mm(x.T, dz), colsum(dz)
-            if k == 0:
-                break  # the first parametrised layer: nothing needs the gradient of the data
-            dout = mm(dz, params[k].T)
-        elif isinstance(layer, Conv2D):
-            k -= 2
-            x_shape, patches, z, a = cache
-            dz = _act_grad(xp, z, a, layer.activation, dout)
-            dout, grads[k], grads[k + 1] = _conv_backward(xp, x_shape, params[k], patches, dz, need_dx=k > 0, mm=mm,
-                                                          colsum=colsum)
-            if k == 0:
-                break
-        elif isinstance(layer, MaxPool2D):
-            x_shape, idx = cache
-            dout = _pool_backward(xp, x_shape, layer.pool_size, idx, dout)
-        else:  # Flatten
-            dout = dout.reshape(cache[0])
+    ctx = ctx or _Ctx(xp, mm, colsum)
+    split = _split(spec, params, [None] * len(spec.state_entries()))
+    first = min(i for i, _, _ in spec.param_layers())  # nothing needs the gradient of what comes before it
+    grads = []
+    for i in range(len(spec.layers) - 1, first - 1, -1):
+        _, bwd = lookup(LAYER_BUILDERS, spec.layers[i], BACKEND)
+        dout, g = bwd(ctx, spec.layers[i], split[i][0], caches[i], dout, i > first)
+        grads = g + grads
     return grads
 
 
@@ -250,6 +358,46 @@ def predict_from_output(xp, spec: ModelSpec, out, alt_formula=False):
     if pred == "softmax":
         return _softmax(xp, out, divide=alt_formula)
     return out
+
+
+def _sgd(model, grads):
+    lr = model.dtype.type(model.spec.optimizer.lr)
+    for p, g in zip(model.params, grads):
+        p -= lr * g
+
+
+def _adam(model, grads):
+    xp, opt, dt = model.xp, model.spec.optimizer, model.dtype.type
+    b1, b2, eps, lr = dt(opt.beta1), dt(opt.beta2), dt(opt.epsilon), dt(opt.lr)
+    t = dt(model.t)
+    b1t, b2t = b1**t, b2**t
+    if opt.convention == "eps_hat":
+        alpha = lr * xp.sqrt(1 - b2t) / (1 - b1t)
+    if model.perturb is not None:  # one random ulp on each moment, like an update rounded another way
+        for m, v in zip(model.m, model.v):
+            m[...] = model.perturb(m)
+            v[...] = model.perturb(v)
+    if "adam_order" in model.rounding:  # the same update in torch.optim.Adam's order of operations
+        for p, m, v, g in zip(model.params, model.m, model.v, grads):
+            m *= b1
+            m += (1 - b1) * g
+            v *= b2
+            v += (1 - b2) * (g * g)
+            if opt.convention == "eps_hat":
+                p -= alpha * (m / (xp.sqrt(v) + eps))
+            else:
+                p -= (lr / (1 - b1t)) * (m / (xp.sqrt(v) / xp.sqrt(1 - b2t) + eps))
+        return
+    for p, m, v, g in zip(model.params, model.m, model.v, grads):
+        m += (g - m) * (1 - b1)
+        v += (g * g - v) * (1 - b2)
+        if opt.convention == "eps_hat":
+            p -= (m * alpha) / (xp.sqrt(v) + eps)
+        else:  # eps_v_hat: torch / optax
+            p -= lr * (m / (1 - b1t)) / (xp.sqrt(v / (1 - b2t)) + eps)
+
+
+OPTIMIZER_BUILDERS = {SGD: _sgd, Adam: _adam}  # optimizer type -> update(model, grads), after model.t += 1
 
 
 # ------------------------------------------------------------------------------------------------------- the model
@@ -281,12 +429,15 @@ class Model(ModelBase):
         self.xp = _xp()
         self.dtype = np.dtype(options.dtype)
         self.params = [self.xp.array(np.asarray(w, dtype=self.dtype), copy=True) for w in weights]  # never alias
+        self.state = [self.xp.asarray(s.astype(self.dtype)) for s in init_state(spec)]
+        for layer in spec.layers:
+            lookup(LAYER_BUILDERS, layer, BACKEND)
         opt = spec.optimizer
+        self._update = lookup(OPTIMIZER_BUILDERS, opt, BACKEND)
         self.t = 0  # updates applied so far (also tells a kept gradient from a stale one)
-        self._last = None  # (t, x, y, loss, grads) of the last gradients() call, for the train step that follows it
-        if isinstance(opt, Adam):
-            self.m = [self.xp.zeros_like(p) for p in self.params]
-            self.v = [self.xp.zeros_like(p) for p in self.params]
+        self._last = None  # (t, x, y, loss, grads, state) of the last gradients() call, for the next train step
+        self.m = [self.xp.zeros_like(p) for p in self.params]  # Adam's moments (unused by SGD)
+        self.v = [self.xp.zeros_like(p) for p in self.params]
         rounding = options.extra.get("rounding", ())
         rounding = tuple(r for r in (rounding.split("+") if isinstance(rounding, str) else rounding) if r)
         unknown = set(rounding) - set(ROUNDING_VARIANTS)
@@ -340,17 +491,25 @@ class Model(ModelBase):
             x, y = x[::-1], y[::-1]
         return xp.asarray(x), xp.asarray(y)
 
+    def _ctx(self, batch_size):
+        """The rounding hooks and this step's dropout masks (in the order of the batch's samples as computed)."""
+        masks = dict(zip(self.spec.random_layers, (self.xp.asarray(m[::-1] if "reversed" in self.rounding else m)
+                                                   for m in self.dropout_masks(self.t, batch_size))))
+        return _Ctx(self.xp, self.mm, self.colsum, masks)
+
     def _loss_grads(self, x, y):
-        out, caches = forward(self.xp, self.spec, self.params, x, keep=True, mm=self.mm)
+        """Loss, gradients and the state after the training-mode pass at the current weights."""
+        ctx = self._ctx(len(x))
+        out, caches = forward(self.xp, self.spec, self.params, x, keep=True, state=self.state, training=True, ctx=ctx)
         loss, dout = loss_and_grad(self.xp, self.spec, out, y, alt_formula="formula" in self.rounding)
         if self.perturb is not None:  # the loss and its gradient rounded another way (another exp, log, sum order)
             loss, dout = self.perturb(loss), self.perturb(dout)
-        return loss, backward(self.xp, self.spec, self.params, caches, dout, mm=self.mm, colsum=self.colsum)
+        return loss, backward(self.xp, self.spec, self.params, caches, dout, ctx=ctx), ctx.new_state
 
     def gradients(self, x, y):
         x, y = self._host(x, y)
-        loss, grads = self._loss_grads(*self._in(x, y))
-        self._last = (self.t, x, y, loss, grads)
+        loss, grads, state = self._loss_grads(*self._in(x, y))
+        self._last = (self.t, x, y, loss, grads, state)
         return float(loss), [self._out(g) for g in grads]
 
     def train_step(self, x, y):
@@ -363,9 +522,10 @@ class Model(ModelBase):
             # work of those steps.  Not with "mca": there the update draws its own noise, and reusing the reported
             # gradient's would consume the random stream differently and so move the envelope (measured: mnist_cnn
             # float32, seed 1, batch 100, the step-10 conv2 gradient envelope shrank ~100x and tf1 failed at 4.4x).
-            loss, grads = last[3], last[4]
+            loss, grads, state = last[3:]
         else:
-            loss, grads = self._loss_grads(*self._in(x, y))
+            loss, grads, state = self._loss_grads(*self._in(x, y))
+        self.state = state
         self._apply(grads)
         return float(loss)
 
@@ -376,50 +536,19 @@ class Model(ModelBase):
                 np.array(y, dtype=np.int64 if self.spec.loss.integer_labels else self.dtype))
 
     def _apply(self, grads):
-        xp = self.xp
-        opt = self.spec.optimizer
-        dt = self.dtype.type
         self.t += 1
-        if isinstance(opt, SGD):
-            lr = dt(opt.lr)
-            for p, g in zip(self.params, grads):
-                p -= lr * g
-            return
-        b1, b2, eps, lr = dt(opt.beta1), dt(opt.beta2), dt(opt.epsilon), dt(opt.lr)
-        t = dt(self.t)
-        b1t, b2t = b1**t, b2**t
-        if opt.convention == "eps_hat":
-            alpha = lr * xp.sqrt(1 - b2t) / (1 - b1t)
-        if self.perturb is not None:  # one random ulp on each moment, like an update rounded another way
-            for m, v in zip(self.m, self.v):
-                m[...] = self.perturb(m)
-                v[...] = self.perturb(v)
-        if "adam_order" in self.rounding:  # the same update in torch.optim.Adam's order of operations
-            for p, m, v, g in zip(self.params, self.m, self.v, grads):
-                m *= b1
-                m += (1 - b1) * g
-                v *= b2
-                v += (1 - b2) * (g * g)
-                if opt.convention == "eps_hat":
-                    p -= alpha * (m / (xp.sqrt(v) + eps))
-                else:
-                    p -= (lr / (1 - b1t)) * (m / (xp.sqrt(v) / xp.sqrt(1 - b2t) + eps))
-            return
-        for p, m, v, g in zip(self.params, self.m, self.v, grads):
-            m += (g - m) * (1 - b1)
-            v += (g * g - v) * (1 - b2)
-            if opt.convention == "eps_hat":
-                p -= (m * alpha) / (xp.sqrt(v) + eps)
-            else:  # eps_v_hat: torch / optax
-                p -= lr * (m / (1 - b1t)) / (xp.sqrt(v / (1 - b2t)) + eps)
+        self._update(self, grads)
 
     def predict(self, x):
         x = self.xp.asarray(np.asarray(x, dtype=self.dtype))
-        out, _ = forward(self.xp, self.spec, self.params, x, mm=self.mm)
+        out, _ = forward(self.xp, self.spec, self.params, x, mm=self.mm, state=self.state)  # inference mode
         return self._out(predict_from_output(self.xp, self.spec, out, alt_formula="formula" in self.rounding))
 
     def get_weights(self):
         return [self._out(p) for p in self.params]
+
+    def get_state(self):
+        return [self._out(a) for a in self.state]
 
     def _out(self, a):
         return a.get() if _USE_CUPY else np.array(a)

@@ -1,8 +1,13 @@
-"""The four built-in models, as the tutorials the user started from define them."""
+"""The built-in models, as the tutorials the user started from define them, and users' own model files."""
 
 from __future__ import annotations
 
-from .spec import SGD, Adam, Conv2D, Dense, Flatten, Init, Loss, MaxPool2D, ModelSpec, f32
+import importlib.util
+import traceback
+from pathlib import Path
+
+from .spec import (LAYERS, SGD, Activation, Adam, BatchNorm, Conv2D, Dense, Dropout, Flatten, Init, Loss, MaxPool2D,
+                   ModelSpec, f32)
 
 MLP_431 = ModelSpec(
     name="mlp_431",
@@ -74,11 +79,85 @@ MNIST_CNN = ModelSpec(
     reference="the Keras mnist_cnn example",
 )
 
-MODELS: dict[str, ModelSpec] = {m.name: m for m in (MLP_431, PIMA_MLP, MNIST_MLP, MNIST_CNN)}
+MNIST_BN_CNN = ModelSpec(
+    name="mnist_bn_cnn",
+    description="MNIST CNN (conv32-BN-relu-pool, conv64-BN-relu-pool, dropout 0.5, dense 10), softmax "
+                "cross-entropy, Adam",
+    input_shape=(28, 28, 1),
+    layers=(
+        Conv2D(32, (3, 3), use_bias=False),  # a bias before BatchNorm is cancelled by its mean: the tutorials drop it
+        BatchNorm(),  # Keras' defaults, written out: momentum 0.99 (weight of the old value), epsilon 1e-3, biased
+        Activation("relu"),
+        MaxPool2D(2),
+        Conv2D(64, (3, 3), use_bias=False),
+        BatchNorm(),
+        Activation("relu"),
+        MaxPool2D(2),
+        Flatten(),  # 5*5*64 = 1600
+        Dropout(0.5),
+        Dense(10),
+    ),
+    loss=Loss("softmax_crossentropy", "mean"),
+    optimizer=Adam(lr=f32(0.001), epsilon=f32(1e-7)),  # Keras' Adam defaults
+    init=Init("glorot_uniform", "zeros"),
+    dataset="mnist",
+    batch_sizes=(1, 100),
+    epochs=12,
+    expected_params=34_922,
+    reference="the Keras and PyTorch MNIST tutorials' CNN with BatchNorm and dropout",
+)
+
+MODELS: dict[str, ModelSpec] = {m.name: m for m in (MLP_431, PIMA_MLP, MNIST_MLP, MNIST_CNN, MNIST_BN_CNN)}
+
+
+def is_model_file(name: str) -> bool:
+    return name.endswith(".py") or "/" in name or "\\" in name
+
+
+def load_model_file(path: str | Path) -> ModelSpec:
+    """The spec a user's Python file defines: a module-level ``SPEC`` (or its one ``ModelSpec``), validated like the
+    built-in ones; ValueError with the file's own traceback lines for anything wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"model file {str(path)!r} does not exist; give a built-in model ({', '.join(MODELS)}) or "
+                         f"the path of a Python file that defines SPEC = ModelSpec(...)")
+    name = f"dlcompare_user_model_{abs(hash(str(path.resolve())))}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename) == path]
+        where = "".join(traceback.format_list(frames)) if frames else ""
+        if isinstance(e, SyntaxError):
+            where = f'  File "{e.filename}", line {e.lineno}\n    {(e.text or "").strip()}\n'
+        raise ValueError(f"model file {str(path)!r} failed to load: {type(e).__name__}: {e}\n{where}"
+                         f"fix the file and run again").rstrip() from None
+    specs = [v for v in vars(module).values() if isinstance(v, ModelSpec)]
+    spec = getattr(module, "SPEC", None)
+    if spec is None:
+        if len(specs) != 1:
+            raise ValueError(f"model file {str(path)!r} defines {len(specs)} ModelSpec objects and no SPEC; "
+                             f"name the one to compare SPEC = ModelSpec(...)")
+        spec = specs[0]
+    if not isinstance(spec, ModelSpec):
+        raise ValueError(f"SPEC in model file {str(path)!r} is a {type(spec).__name__}, expected models.spec.ModelSpec")
+    for i, layer in enumerate(spec.layers):
+        if LAYERS.get(type(layer).__name__) is not type(layer):
+            raise ValueError(f"model file {str(path)!r}: layer {i} is a {type(layer).__name__}, which is not in the "
+                             f"spec vocabulary ({', '.join(LAYERS)}); CONTRIBUTING.md says how to add a layer")
+    if spec.param_count() != spec.expected_params:
+        raise ValueError(f"model file {str(path)!r}: spec {spec.name!r} has {spec.param_count()} trainable parameters "
+                         f"but says expected_params={spec.expected_params}; correct expected_params (it guards against "
+                         f"a layer that is not the one you meant)")
+    return spec
 
 
 def get_model(name: str) -> ModelSpec:
-    try:
+    """A built-in model by name, or the spec of a user's model file (a path ending in .py)."""
+    if name in MODELS:
         return MODELS[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}") from None
+    if is_model_file(name):
+        return load_model_file(name)
+    raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}, or the path of a Python file that "
+                     f"defines SPEC = ModelSpec(...) (see examples/my_model.py)")
