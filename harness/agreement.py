@@ -103,16 +103,17 @@ def _indexed(arrays: dict, prefix: str) -> dict[int, list[np.ndarray]]:
 
 
 def observations(spec, arrays: dict) -> dict[Key, np.ndarray]:
-    """Everything a run observed, keyed (quantity, step, tensor): per-step losses, gradients, weights, predictions."""
+    """Everything a run observed, keyed (quantity, step, tensor): per-step losses, gradients, weights, non-trainable
+    state (BatchNorm's moving statistics, compared like the weights), predictions."""
     names = spec.param_names()
     obs: dict[Key, np.ndarray] = {}
     losses = np.asarray(arrays.get("losses", []), np.float64)
     for s, v in enumerate(losses):
         obs[("loss", s, "loss")] = v
-    for quantity in ("grads", "weights"):
+    for quantity, tensor_names in (("grads", names), ("weights", names), ("state", spec.state_names())):
         for s, tensors in _indexed(arrays, quantity).items():
             for j, t in enumerate(tensors):
-                obs[(quantity, s, names[j])] = t
+                obs[(quantity, s, tensor_names[j])] = t
     if "pred_init" in arrays:
         obs[("pred", 0, "probe")] = arrays["pred_init"]
     if "pred_final" in arrays:
@@ -201,7 +202,7 @@ def build_reference(spec, dtype: str, oracle: dict, variants: dict[str, dict]) -
     return Reference(dtype, obs, env, floors, sorted(variants))
 
 
-SWITCH_QUANTITIES = ("grads", "weights", "pred")
+SWITCH_QUANTITIES = ("grads", "weights", "state", "pred")
 
 
 def is_switch_probe(variant: str) -> bool:
@@ -284,7 +285,8 @@ def compare_runs(spec, ref: Reference, row: dict, other: dict | None = None) -> 
     return checks
 
 
-def local_gradient_checks(spec, dtype: str, row: dict, batches: dict[int, tuple], variants: list[str]) -> list[Check]:
+def local_gradient_checks(spec, dtype: str, row: dict, batches: dict[int, tuple], variants: list[str],
+                          seed: int = 0) -> list[Check]:
     """Gradients after step 0 checked where they were computed: at the run's own weights.
 
     A gradient at step s >= 1 is evaluated at weights that have already parted from the oracle's: Adam's first step
@@ -310,13 +312,19 @@ def local_gradient_checks(spec, dtype: str, row: dict, batches: dict[int, tuple]
         if not all(np.all(np.isfinite(a)) for a in w):
             continue
         x, y = batches[s]
-        _, g64 = numpy_oracle.Model(spec, w, BuildOptions(dtype="float64")).gradients(np.asarray(x, np.float64), y)
+
+        def at_step_s(options, w=w, s=s):  # the oracle at this run's weights, as of step s (its dropout masks)
+            m = numpy_oracle.Model(spec, w, options)
+            m.t = s
+            return m
+
+        _, g64 = at_step_s(BuildOptions(dtype="float64", seed=seed)).gradients(np.asarray(x, np.float64), y)
         floor = SET_FRACTION * max(_max_abs(g) for g in g64)
         env = [0.0] * len(names)
         xd = np.asarray(x, dtype)
         yd = y if spec.loss.integer_labels else np.asarray(y, dtype)
         for v in variants:
-            m = numpy_oracle.Model(spec, w, BuildOptions(dtype=dtype, extra={"rounding": "" if v == "plain" else v}))
+            m = at_step_s(BuildOptions(dtype=dtype, seed=seed, extra={"rounding": "" if v == "plain" else v}))
             for j, g in enumerate(m.gradients(xd, yd)[1]):
                 d = units(g, g64[j], dtype, floor)
                 if np.isfinite(d):
@@ -349,11 +357,11 @@ def first_nonfinite(spec, row: dict) -> str | None:
     bad = np.flatnonzero(~np.isfinite(losses))
     if bad.size:
         return f"diverged at step {int(bad[0])} (tensor loss = {losses[bad[0]]})"
-    names = spec.param_names()
-    for s, tensors in sorted(_indexed(row, "weights").items()):
-        for j, w in enumerate(tensors):
-            if not np.all(np.isfinite(w)):
-                return f"diverged by step {s} (tensor {names[j]})"
+    for quantity, names in (("weights", spec.param_names()), ("state", spec.state_names())):
+        for s, tensors in sorted(_indexed(row, quantity).items()):
+            for j, w in enumerate(tensors):
+                if not np.all(np.isfinite(w)):
+                    return f"diverged by step {s} (tensor {names[j]})"
     return None
 
 

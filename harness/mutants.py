@@ -60,7 +60,8 @@ class Model(numpy_scratch.Model):
         self.base_spec = spec
         self.transposed = None
         if BUG == "transposed_weight":
-            square = [j for j, p in enumerate(self.params) if p.ndim == 2 and p.shape[0] == p.shape[1]]
+            square = [j for j, (_, _, p) in enumerate(spec.param_entries())
+                      if p.role == "kernel" and len(p.shape) == 2 and p.shape[0] == p.shape[1]]
             if not square:
                 raise Unsupported("bug transposed_weight needs a square dense kernel (mnist_mlp has one)")
             self.transposed = square[0]
@@ -69,18 +70,21 @@ class Model(numpy_scratch.Model):
 
     def _loss_grads(self, x, y):
         if BUG == "float32_loss":
-            out, caches = numpy_scratch.forward(self.xp, self.spec, self.params, x, keep=True)
+            ctx = self._ctx(len(x))
+            out, caches = numpy_scratch.forward(self.xp, self.spec, self.params, x, keep=True, state=self.state,
+                                                training=True, ctx=ctx)
             y32 = y if self.spec.loss.integer_labels else y.astype(np.float32)
             loss, dout = numpy_scratch.loss_and_grad(self.xp, self.spec, out.astype(np.float32), y32)
-            return loss, numpy_scratch.backward(self.xp, self.spec, self.params, caches, dout.astype(out.dtype))
-        loss, grads = super()._loss_grads(x, y)
+            grads = numpy_scratch.backward(self.xp, self.spec, self.params, caches, dout.astype(out.dtype), ctx=ctx)
+            return loss, grads, ctx.new_state
+        loss, grads, state = super()._loss_grads(x, y)
         if BUG == "gradient_sign":
             grads[-1] = -grads[-1]
-        return loss, grads
+        return loss, grads, state
 
     def _apply(self, grads):
         if BUG == "bias_frozen":
-            grads = [g if g.ndim > 1 else np.zeros_like(g) for g in grads]
+            grads = [np.zeros_like(g) if p.role == "bias" else g for g, (_, _, p) in zip(grads, self.spec.param_entries())]
         saved_v = [v.copy() for v in self.v] if BUG == "stale_state" and self.t >= 2 else None
         if BUG == "lr_decay":
             opt = self.base_spec.optimizer

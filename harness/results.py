@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import backends
+from models.spec import spec_to_dict
 
 from .runner import OLD_STATUS_WORDS, PROJECT_ROOT
 
@@ -62,15 +63,6 @@ def machine() -> dict:
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
-
-
-def spec_to_dict(spec) -> dict:
-    d = dataclasses.asdict(spec)
-    d["layers"] = [{"type": type(layer).__name__, **dataclasses.asdict(layer)} for layer in spec.layers]
-    d["optimizer"] = {"type": type(spec.optimizer).__name__, **dataclasses.asdict(spec.optimizer)}
-    d["param_names"] = spec.param_names()
-    d["param_count"] = spec.param_count()
-    return d
 
 
 def row_key(row: dict) -> str:
@@ -168,6 +160,9 @@ def _row_arrays(arrays: dict, key: str, row: dict, spec) -> None:
         for j, name in enumerate(spec.param_names()):
             if f"weights/{last}/{j}" in a:  # in the row's own dtype: a float32 run's weights are float32 values
                 arrays[f"{key}/final/{name}"] = a[f"weights/{last}/{j}"].astype(row.get("dtype", "float64"))
+        for j, name in enumerate(spec.state_names()):
+            if f"state/{last}/{j}" in a:
+                arrays[f"{key}/final/{name}"] = a[f"state/{last}/{j}"].astype(row.get("dtype", "float64"))
     if "pred_final" in a:
         arrays[f"{key}/pred_final"] = a["pred_final"]
 

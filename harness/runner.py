@@ -6,9 +6,9 @@ Data flows one way: spec + seed -> canonical float64 initial weights and a batch
 
 from __future__ import annotations
 
+import json
 import math
 import os
-import pickle
 import shutil
 import signal
 import subprocess
@@ -24,7 +24,7 @@ import numpy as np
 import backends
 from models import get_model, init_weights
 from models.data import DATASETS, load_dataset
-from models.spec import DTYPES, INIT_PRESETS, Adam, ModelSpec
+from models.spec import DTYPES, INIT_PRESETS, Adam, ModelSpec, spec_to_dict
 
 from . import agreement
 from .status import Status
@@ -213,6 +213,11 @@ def subprocess_env(backend: str, dtype: str, threads: int | None) -> dict[str, s
     return env
 
 
+def write_job(job_dir: Path, job: dict) -> None:
+    """The job a worker reads: plain JSON, the spec in its dict form (``models.spec.spec_to_dict``), no pickle."""
+    (job_dir / "job.json").write_text(json.dumps({**job, "spec": spec_to_dict(job["spec"])}))
+
+
 def _tail(text: str, lines: int = 15) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
@@ -230,8 +235,7 @@ def run_backend(backend: str, job: Job, runs: list[dict], options: dict, timeout
         reason = f"not installed ({', '.join(missing)}): {backends.install_hint(backend)}"
         return [on_row({**base, **_run_fields(r), "status": Status.SKIPPED, "reason": reason}) for r in runs]
     job_dir = Path(tempfile.mkdtemp(prefix=f"{backend}-", dir=work_dir))
-    (job_dir / "job.pkl").write_bytes(pickle.dumps({"backend": backend, "spec": job.spec, "runs": runs,
-                                                    "options": options}))
+    write_job(job_dir, {"backend": backend, "spec": job.spec, "runs": runs, "options": options})
     np.savez(job_dir / "data.npz", **job.data)
     cmd = [sys.executable, "-m", "harness.worker", str(job_dir)]
     env = subprocess_env(backend, options["dtype"], options.get("threads"))
@@ -460,10 +464,16 @@ def judge(spec: ModelSpec, row: dict, oracle: Oracle, job: Job | None = None) ->
     parted = {c.step for c in checks if c.quantity == "grads" and c.ok is False and c.step >= 1}
     if job is not None and parted:
         local = agreement.local_gradient_checks(spec, ref.dtype, arrays, _batches(job, row, spec, parted),
-                                                [v for v in ref.variants if not agreement.is_switch_probe(v)])
+                                                [v for v in ref.variants if not agreement.is_switch_probe(v)],
+                                                seed=row.get("seed", 0))
         steps = {c.step for c in local}
         checks = [c for c in checks if not (c.quantity == "grads" and c.step in steps)] + local
         checks.sort(key=lambda c: c.step)
+    untracked = row["mode"] == "native" and spec.random_layers
+    if untracked:  # the framework drew its own dropout masks: only what runs without them is comparable
+        checks = [c for c in checks if c.quantity == "invariance/pred" or (c.quantity == "pred" and c.step == 0)]
+        row["not_comparable"] = ("trajectories (loss, gradients, weights, state, final predictions): framework RNG "
+                                 "draws the Dropout masks; compared: inference-mode predictions at the initial weights")
     summary = agreement.summarize(checks)
     summary["variants"] = ref.variants
     row["checks"] = [c.as_dict() for c in checks if c.ok is False][:50]  # the failing ones; worst kept in summary
@@ -474,6 +484,8 @@ def judge(spec: ModelSpec, row: dict, oracle: Oracle, job: Job | None = None) ->
     if row["mode"] == "native":
         # the defaults audit: a native row is expected to part from the spec; say whether and how far
         row["status"] = Status.MATCHES if summary["status"] == Status.PASS else Status.DIFFERS
+        if untracked and not summary["first_failure"]:
+            row["reason"] = "not comparable: framework RNG (Dropout masks) for trajectories; inference matches"
         diffs = ((row.get("meta") or {}).get("info") or {}).get("native_differences")
         if diffs is not None:
             row["native_differences"] = diffs
@@ -593,9 +605,8 @@ def train(cfg: TrainConfig, on_event: Callable[[dict], None] = lambda e: None) -
         job_dir = Path(tmp)
         options = {"dtype": spec.dtype, "mode": cfg.mode, "threads": cfg.threads, "fast": cfg.fast,
                    "device": cfg.device}
-        (job_dir / "job.pkl").write_bytes(pickle.dumps({"backend": cfg.backend, "spec": spec, "kind": "train",
-                                                        "options": options, "epochs": epochs, "batch_size": b,
-                                                        "out": str(job_dir / "final.npz"), "runs": []}))
+        write_job(job_dir, {"backend": cfg.backend, "spec": spec, "kind": "train", "options": options,
+                            "epochs": epochs, "batch_size": b, "out": str(job_dir / "final.npz"), "runs": []})
         np.savez(job_dir / "data.npz", **data)
         env = subprocess_env(cfg.backend, spec.dtype, cfg.threads)
         proc = subprocess.Popen([sys.executable, "-m", "harness.worker", str(job_dir)], env=env, cwd=str(PROJECT_ROOT),

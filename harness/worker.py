@@ -1,8 +1,9 @@
 """The subprocess side: run one backend on a job prepared by the parent, write plain NumPy results.
 
-``python -m harness.worker JOB_DIR`` reads ``JOB_DIR/job.pkl`` (spec, options, runs) and ``JOB_DIR/data.npz`` (canonical
-initial weights, the data, the batch order, the probe batch) and, for each run, writes ``JOB_DIR/run-<i>.npz`` and
-``JOB_DIR/run-<i>.json`` as soon as that run is finished, so that a crash in a later run keeps the earlier ones.
+``python -m harness.worker JOB_DIR`` reads ``JOB_DIR/job.json`` (the spec in its JSON form, options, runs) and
+``JOB_DIR/data.npz`` (canonical initial weights, the data, the batch order, the probe batch) and, for each run, writes
+``JOB_DIR/run-<i>.npz`` and ``JOB_DIR/run-<i>.json`` as soon as that run is finished, so that a crash in a later run
+keeps the earlier ones.
 
 Only this process imports the backend's framework.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import platform
 import sys
 import time
@@ -55,7 +55,7 @@ def run_one(mod, spec, weights, data, run: dict, options) -> tuple[dict, dict]:
 
     # a run may override the job's dtype and options (the oracle's rounding variants run in the compared dtype)
     opts = BuildOptions(**{**options, "device": run["device"], "dtype": run.get("dtype", options["dtype"]),
-                           "extra": {**options.get("extra", {}), **run.get("extra", {})}})
+                           "seed": run["seed"], "extra": {**options.get("extra", {}), **run.get("extra", {})}})
     dtype = np.dtype(opts.dtype)
     il = spec.loss.integer_labels
     order = data[f"seed{run['seed']}/order_{run['batch_size']}"]
@@ -76,7 +76,10 @@ def run_one(mod, spec, weights, data, run: dict, options) -> tuple[dict, dict]:
     # reduced per the spec vs that sub-batch's gradient, batch-1 predictions vs the rows of the batch prediction
     x0, y0 = _batch(data, order, 0, dtype, il)
     k = min(len(x0), INVARIANCE_SAMPLES)
-    if k > 1:
+    coupled = invariance_exemption(spec)
+    if coupled:
+        meta["invariance_grads_skipped"] = coupled
+    if k > 1 and not coupled:
         per = [model.gradients(x0[i : i + 1], y0[i : i + 1])[1] for i in range(k)]
         combined = [np.sum([np.asarray(p[j], np.float64) for p in per], axis=0) for j in range(len(weights))]
         if spec.loss.reduction == "mean":
@@ -85,6 +88,7 @@ def run_one(mod, spec, weights, data, run: dict, options) -> tuple[dict, dict]:
         for j, (c, g) in enumerate(zip(combined, batch)):
             arrays[f"inv_grad/{j}"] = c
             arrays[f"inv_batch_grad/{j}"] = np.array(g, np.float64)
+    if k > 1:  # inference mode holds for every layer: a prediction never depends on the rest of its batch
         rows = [np.asarray(model.predict(probe_x[i : i + 1]), np.float64) for i in range(k)]
         arrays["inv_pred_rows"] = np.concatenate(rows)
 
@@ -111,6 +115,8 @@ def run_one(mod, spec, weights, data, run: dict, options) -> tuple[dict, dict]:
         if mark in weight_steps:
             for j, w in enumerate(model.get_weights()):
                 arrays[f"weights/{mark}/{j}"] = np.array(w, np.float64)  # copy: a backend may hand out views
+            for j, w in enumerate(model.get_state()):
+                arrays[f"state/{mark}/{j}"] = np.array(w, np.float64)
         if mark in grad_steps and mark < steps:
             loss, grads = model.gradients(*_batch(data, order, mark, dtype, il))
             arrays[f"grad_loss/{mark}"] = np.float64(loss)
@@ -133,6 +139,18 @@ def run_one(mod, spec, weights, data, run: dict, options) -> tuple[dict, dict]:
     return arrays, meta
 
 
+def invariance_exemption(spec) -> str | None:
+    """Why per-sample gradients cannot add up to the batch's in training mode, or None where they must."""
+    why = []
+    if spec.couples_batch:
+        why.append(f"{', '.join(type(spec.layers[i]).__name__ + str(i) for i in spec.couples_batch)} normalises each "
+                   f"sample with its batch's statistics")
+    if spec.random_layers:
+        why.append(f"{', '.join(type(spec.layers[i]).__name__ + str(i) for i in spec.random_layers)} draws its masks "
+                   f"per batch")
+    return ("gradient batch-size invariance not checked: " + "; ".join(why)) if why else None
+
+
 def repeat_check(mod, spec, weights, data, order, marks, opts, arrays, steps) -> dict:
     """Replay the trajectory with a fresh model (same segments): are losses and final weights bit-identical?"""
     dtype = np.dtype(opts.dtype)
@@ -144,8 +162,10 @@ def repeat_check(mod, spec, weights, data, order, marks, opts, arrays, steps) ->
             losses.append(np.asarray(model.train_steps(*_stack(data, order, done, mark, dtype, spec.loss.integer_labels))))
             done = mark
     losses = np.concatenate(losses)
-    final = [np.asarray(w, np.float64) for w in model.get_weights()]
-    ref = [arrays[f"weights/{steps}/{j}"] for j in range(len(final))]
+    final = [np.asarray(w, np.float64) for w in [*model.get_weights(), *model.get_state()]]
+    n_w = len(spec.param_names())
+    ref = [arrays[f"weights/{steps}/{j}"] for j in range(n_w)] + [arrays[f"state/{steps}/{j}"]
+                                                                  for j in range(len(final) - n_w)]
     loss_diff = float(np.max(np.abs(losses - arrays["losses"])))
     weight_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(final, ref))
     return {"bit_identical": bool(loss_diff == 0 and weight_diff == 0), "max_loss_diff": loss_diff,
@@ -209,7 +229,7 @@ def environment_flags() -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     job_dir = Path(argv[0])
-    job = pickle.loads((job_dir / "job.pkl").read_bytes())
+    job = json.loads((job_dir / "job.json").read_text())
     status_path = job_dir / "worker.json"
     import backends
     from backends.base import Unsupported
@@ -229,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with np.load(job_dir / "data.npz") as f:
         data = {k: f[k] for k in f.files}
-    spec = job["spec"]
+    from models.spec import spec_from_dict
+
+    spec = spec_from_dict(job["spec"])
     n_params = len(spec.param_shapes())
     if job.get("kind") == "train":
         train(mod, spec, [data[f"w/{j}"] for j in range(n_params)], data, job)

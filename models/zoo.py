@@ -6,8 +6,22 @@ import importlib.util
 import traceback
 from pathlib import Path
 
-from .spec import (LAYERS, SGD, Activation, Adam, BatchNorm, Conv2D, Dense, Dropout, Flatten, Init, Loss, MaxPool2D,
-                   ModelSpec, f32)
+from .spec import (
+    LAYERS,
+    SGD,
+    Activation,
+    Adam,
+    BatchNorm,
+    Conv2D,
+    Dense,
+    Dropout,
+    Flatten,
+    Init,
+    Loss,
+    MaxPool2D,
+    ModelSpec,
+    f32,
+)
 
 MLP_431 = ModelSpec(
     name="mlp_431",
