@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import backends
-from models import MODELS
+from models import MODELS, get_model
 from models.data import DATASETS, DataError
 
 from . import runner
@@ -153,7 +153,13 @@ class _ProgressBar:
 def cmd_report(args) -> int:
     from .report import build_reports
 
-    paths = build_reports(Path(args.results_dir), [args.model] if args.model else None)
+    model = None
+    if args.model:
+        try:
+            model = get_model(args.model).name if args.model not in MODELS else args.model  # a file: its spec's name
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    paths = build_reports(Path(args.results_dir), [model] if model else None)
     if not paths:
         print(f"no raw results under {Path(args.results_dir) / 'raw'}; run `harness compare` first")
         return 1
@@ -169,8 +175,10 @@ def _selftest_args(args) -> dict:
 
     models = list(MODELS) if args.models == "all" else [m.strip() for m in args.models.split(",") if m.strip()]
     for m in models:
-        if m not in MODELS:
-            raise UserError(f"unknown model {m!r} in --models; valid: all, {', '.join(MODELS)}")
+        try:
+            get_model(m)  # a built-in name or a model file, validated before any work starts
+        except ValueError as e:
+            raise UserError(f"--models: {e}") from None
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     for d in dtypes:
         if d not in ("float32", "float64"):
@@ -230,7 +238,8 @@ def cmd_data_fetch(args) -> int:
 
 # ------------------------------------------------------------------------------------------------------------ parser
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help=f"one of: {', '.join(MODELS)}")
+    p.add_argument("--model", required=True, help=f"one of: {', '.join(MODELS)}; or the path of a Python file that "
+                                                  f"defines SPEC = ModelSpec(...) (see examples/my_model.py)")
     p.add_argument("--dtype", help="float32 or float64 (default: the model's)")
     p.add_argument("--mode", default="aligned", help="aligned (default: every backend forced to the spec) or native "
                                                      "(each framework's own defaults)")
@@ -277,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("report", help="regenerate results/<model>.md from the raw results")
-    p.add_argument("--model", help="only this model")
+    p.add_argument("--model", help="only this model (a built-in name or a model file)")
     p.add_argument("--results-dir", default=str(_default_results()))
     p.set_defaults(func=cmd_report)
 
@@ -286,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
                            ("calibrate", "the same sweep, written as the evidence for harness/tolerances.py: "
                                          "results/calibration.md (and results/selftest.md)")):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--models", default="all", help=f"comma-separated, or all (default): {', '.join(MODELS)}")
+        p.add_argument("--models", default="all", help=f"comma-separated, or all (default): {', '.join(MODELS)}; "
+                                                         f"model files (path/to/net.py) too")
         p.add_argument("--dtypes", default="float32,float64", help="comma-separated (default: float32,float64)")
         p.add_argument("--seeds", type=int, default=5 if name == "selftest" else 50,
                        help="clean runs on seeds 0..N-1 (default: %(default)s)")

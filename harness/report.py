@@ -12,6 +12,7 @@ from tabulate import tabulate
 
 import backends
 from models import MODELS
+from models.spec import spec_from_dict
 
 from .results import DEFAULT_RESULTS_DIR, load_records
 from .status import Status
@@ -199,7 +200,7 @@ def model_markdown(model: str, records: list[dict]) -> str | None:
     rows, used = merged_rows(records, model)
     if not rows:
         return None
-    spec = MODELS[model]
+    spec = MODELS[model] if model in MODELS else spec_from_dict(used[-1]["spec"])  # a user's model: as recorded
     lines = [GENERATED, f"# {model}: {spec.description}", "",
              f"{spec.param_count():,} parameters. Tutorial: {spec.reference}.", ""]
     lines += ["## Runs merged here", ""]
@@ -262,7 +263,8 @@ def build_reports(results_dir: Path = DEFAULT_RESULTS_DIR, models: list[str] | N
         from .selftest import write_summaries
 
         written += write_summaries(records, Path(results_dir))
-    for model in models or list(MODELS):
+    recorded = [r["model"] for r in records if r.get("kind", "compare") == "compare" and r.get("model") not in MODELS]
+    for model in models or list(MODELS) + sorted(set(recorded)):
         md = model_markdown(model, records)
         if md is None:
             continue

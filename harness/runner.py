@@ -96,6 +96,10 @@ def validate(cfg: CompareConfig) -> ModelSpec:
     for b in cfg.batch_sizes or ():
         if b < 1:
             raise UserError(f"batch sizes must be positive integers, got {b}")
+        try:
+            spec.check_batch_size(b, "--batch-sizes")
+        except ValueError as e:
+            raise UserError(str(e)) from None
     check_seed(cfg.seed)
     check_threads(cfg.threads)
     if not 0 < cfg.timeout < math.inf:  # also refuses NaN

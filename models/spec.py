@@ -330,6 +330,16 @@ class ModelSpec:
         if not self.layers:
             raise ValueError(f"model {self.name!r} has no layers")
         self.shapes()  # validates the layer sequence
+        self.check_batch_size(min(self.batch_sizes), "batch_sizes")
+
+    def check_batch_size(self, batch_size: int, what: str = "batch size") -> None:
+        """ValueError for a batch too small for a layer: BatchNorm on flat features needs two samples (at batch 1 each
+        feature's variance is zero, and torch refuses to train on it)."""
+        for i, (layer, shape) in enumerate(zip(self.layers, self.input_shapes())):
+            if layer.couples_batch and len(shape) == 1 and batch_size < 2:
+                raise ValueError(f"{what} {batch_size} is too small for layer {i} ({type(layer).__name__} on "
+                                 f"{shape[0]} flat features): a batch of 1 has one value per feature, so its variance "
+                                 f"is 0; use batch sizes of at least 2")
 
     # -- shapes ----------------------------------------------------------------------------------------------------
     def shapes(self) -> list[tuple[int, ...]]:

@@ -141,12 +141,12 @@ def load_model_file(path: str | Path) -> ModelSpec:
     try:
         module_spec.loader.exec_module(module)
     except Exception as e:
-        frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename) == path]
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve() == path.resolve()]
         where = "".join(traceback.format_list(frames)) if frames else ""
         if isinstance(e, SyntaxError):
             where = f'  File "{e.filename}", line {e.lineno}\n    {(e.text or "").strip()}\n'
         raise ValueError(f"model file {str(path)!r} failed to load: {type(e).__name__}: {e}\n{where}"
-                         f"fix the file and run again").rstrip() from None
+                         f"fix the file and run again") from None
     specs = [v for v in vars(module).values() if isinstance(v, ModelSpec)]
     spec = getattr(module, "SPEC", None)
     if spec is None:

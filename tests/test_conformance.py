@@ -45,7 +45,7 @@ print(json.dumps({
     "version": m.probe(),
     "devices": m.devices(),
     "model_base": issubclass(m.Model, ModelBase),
-    "methods": [k for k in ("train_step", "train_steps", "gradients", "predict", "get_weights", "sync")
+    "methods": [k for k in ("train_step", "train_steps", "gradients", "predict", "get_weights", "get_state", "sync")
                 if callable(getattr(m.Model, k, None))],
 }))
 """
@@ -55,7 +55,7 @@ print(json.dumps({
 def test_backend_module_fulfils_the_contract(name):
     info = run_in_backend_process(CONTRACT, name)
     assert info["capabilities"] and info["model_base"] and info["version"]
-    assert info["methods"] == ["train_step", "train_steps", "gradients", "predict", "get_weights", "sync"]
+    assert info["methods"] == ["train_step", "train_steps", "gradients", "predict", "get_weights", "get_state", "sync"]
     assert set(info["devices"]) <= {"cpu", "cuda"}
 
 
@@ -125,3 +125,56 @@ def test_batches_staged_on_the_device_give_identical_results(name):
     info = run_in_backend_process(STAGED, name)
     if info["staged"]:
         assert info["same_losses"] and info["same_weights"]
+
+
+VOCABULARY = """
+import json, sys
+from dataclasses import dataclass
+import numpy as np
+import backends
+from backends.base import BuildOptions, Unsupported
+from models.spec import LAYERS, OPTIMIZERS, SGD, Dense, Init, Layer, Loss, ModelSpec
+m = backends.load(sys.argv[1])
+
+def entries(table, vocabulary):
+    out = {}
+    for name, cls in vocabulary.items():
+        e = getattr(m, table, {}).get(cls)
+        out[name] = "missing" if e is None else (f"unsupported: {e}" if isinstance(e, str) else "builder")
+    return out
+
+@dataclass(frozen=True)
+class Dummy(Layer):  # a new layer of the spec that no backend's table knows yet
+    def output_shape(self, in_shape):
+        return tuple(in_shape)
+
+@dataclass(frozen=True)
+class Lion:  # a new optimizer likewise
+    lr: float = 0.1
+
+refused = {}
+for what, layers, opt in (("layer", (Dense(3, "relu"), Dummy(), Dense(1)), SGD(0.1)), ("optimizer", (Dense(1),), Lion())):
+    spec = ModelSpec("d", "", (4,), layers, Loss("sse", "sum"), opt, Init(), "toy_431", (1, 3), 1, 0)
+    w = [np.full(s, 0.1) for s in spec.param_shapes()]
+    try:
+        model = m.Model(spec, w, BuildOptions(dtype="float64"))
+        model.train_step(np.ones((3, 4)), np.ones((3, 1)))
+        refused[what] = "built and trained"
+    except Unsupported as e:
+        refused[what] = "Unsupported: " + str(e)
+    except Exception as e:
+        refused[what] = f"{type(e).__name__}: {e}"
+print(json.dumps({"layers": entries("LAYER_BUILDERS", LAYERS), "optimizers": entries("OPTIMIZER_BUILDERS", OPTIMIZERS),
+                  "refused": refused}))
+"""
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_backend_implements_or_declares_every_layer_and_optimizer(name):
+    """Issue 12: a backend's tables cover the whole spec vocabulary (a builder, or a reason it cannot express it), and
+    a layer or optimizer it has no entry for is refused by name before any work: never dropped silently."""
+    info = run_in_backend_process(VOCABULARY, name)
+    assert "missing" not in info["layers"].values(), info["layers"]
+    assert "missing" not in info["optimizers"].values(), info["optimizers"]
+    assert info["refused"]["layer"].startswith("Unsupported: ") and "has no Dummy" in info["refused"]["layer"], info
+    assert info["refused"]["optimizer"].startswith("Unsupported: ") and "has no Lion" in info["refused"]["optimizer"], info

@@ -180,3 +180,95 @@ def test_every_rounding_variant_computes_the_same_mathematics_in_another_roundin
     assert moved["switch"] > 4 * moved["mca"]
     with pytest.raises(ValueError, match="unknown rounding variant"):
         Model(spec, weights, BuildOptions(extra={"rounding": "blocked+typo"}))
+
+
+# ---------------------------------------------------------------------------------------- BatchNorm, Dropout, Activation
+def bn_spec(layers, input_shape, optimizer=None):
+    return ModelSpec("t", "test", input_shape, tuple(layers), Loss("softmax_crossentropy", "mean"),
+                     optimizer or SGD(0.1), Init(), "toy_431", (2, 4), 1, 0)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "relu"])
+def test_batchnorm_dropout_gradients_match_finite_differences(activation):
+    from models import Activation, BatchNorm, Dropout
+
+    # a dense BatchNorm (features) after a bias-free layer, dropout, an activation layer; and the conv form (channels)
+    dense = bn_spec([Dense(4, use_bias=False), BatchNorm(), Activation(activation), Dropout(0.3), Dense(3)], (3,))
+    assert finite_difference_check(dense) < 1e-6
+    conv = bn_spec([Conv2D(2, (3, 3), use_bias=False), BatchNorm(unbiased_moving_variance=True),
+                    Activation(activation), Flatten(), Dropout(0.5), Dense(3)], (5, 5, 2))
+    assert finite_difference_check(conv, n=3) < 1e-6
+
+
+def test_batchnorm_state_moves_in_training_only_by_the_spec_formula():
+    from models import Activation, BatchNorm
+
+    for unbiased in (False, True):
+        spec = bn_spec([Dense(3, use_bias=False), BatchNorm(momentum=f32(0.9), unbiased_moving_variance=unbiased),
+                        Activation("relu"), Dense(2)], (4,))
+        rng = np.random.default_rng(0)
+        w = [rng.normal(0, 0.5, s) for s in spec.param_shapes()]
+        m = Model(spec, w, BuildOptions())
+        x, y = rng.normal(size=(5, 4)), rng.integers(0, 2, 5)
+        m.gradients(x, y)
+        m.predict(x)
+        assert [s.tolist() for s in m.get_state()] == [[0.0] * 3, [1.0] * 3]  # neither moves the state
+        m.train_step(x, y)
+        h = x @ w[0]
+        var = h.var(axis=0, ddof=1 if unbiased else 0)
+        mean_state, var_state = m.get_state()
+        mom = f32(0.9)  # 0.8999999761581421: the spec's values are float32-exact
+        assert np.allclose(mean_state, (1 - mom) * h.mean(axis=0), rtol=1e-14, atol=0)
+        assert np.allclose(var_state, mom + (1 - mom) * var, rtol=1e-14, atol=0)
+        # inference mode normalises with the moving statistics (and the weights after the step)
+        k0, g, b, k1, b1 = m.get_weights()
+        z = (x @ k0 - mean_state) / np.sqrt(var_state + f32(1e-3)) * g + b
+        logits = np.maximum(z, 0) @ k1 + b1
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        assert np.allclose(m.predict(x), p / p.sum(axis=1, keepdims=True), rtol=1e-12, atol=0)
+
+
+def test_dropout_masks_are_the_harness_masks_of_the_step_and_off_at_inference():
+    from models import Dropout, dropout_masks
+
+    spec = bn_spec([Dense(6), Dropout(0.5), Dense(2)], (3,))
+    rng = np.random.default_rng(1)
+    w = [rng.normal(0, 0.5, s) for s in spec.param_shapes()]
+    x, y = rng.normal(size=(4, 3)), rng.integers(0, 2, 4)
+    m = Model(spec, w, BuildOptions(seed=7))
+    _, g0 = m.gradients(x, y)
+    mask = dropout_masks(spec, 7, 0, 4)[1]
+    assert set(np.unique(mask)) == {0.0, 2.0}
+    # the second kernel's gradient sees only the kept hidden units
+    h = x @ w[0] + w[1]
+    assert np.allclose(g0[2][np.where(~mask.any(axis=0))[0]], 0.0)
+    assert np.array_equal(dropout_masks(spec, 7, 0, 4)[1], mask)
+    assert not np.array_equal(dropout_masks(spec, 7, 1, 4)[1], mask)  # the next step draws new masks
+    assert not np.array_equal(dropout_masks(spec, 8, 0, 4)[1], mask)  # another seed, other masks
+    z = h @ w[2] + w[3]
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    assert np.allclose(m.predict(x), p / p.sum(axis=1, keepdims=True), rtol=1e-13, atol=0)  # inference: identity
+
+
+def test_an_unknown_layer_or_optimizer_is_refused_by_name():
+    from dataclasses import dataclass
+
+    from backends.base import Unsupported
+    from models import Layer
+
+    @dataclass(frozen=True)
+    class Dummy(Layer):
+        def output_shape(self, in_shape):
+            return tuple(in_shape)
+
+    spec = bn_spec([Dense(3), Dummy(), Dense(2)], (3,))
+    with pytest.raises(Unsupported, match="numpy has no Dummy"):
+        Model(spec, [np.zeros(s) for s in spec.param_shapes()], BuildOptions())
+
+    @dataclass(frozen=True)
+    class Lion:
+        lr: float = 1e-4
+
+    spec = bn_spec([Dense(2)], (3,), optimizer=Lion())
+    with pytest.raises(Unsupported, match="numpy has no Lion"):
+        Model(spec, [np.zeros(s) for s in spec.param_shapes()], BuildOptions())
