@@ -14,6 +14,7 @@ from pathlib import Path
 import backends
 from models import MODELS, get_model
 from models.data import DATASETS, DataError
+from models.zoo import is_model_file
 
 from . import runner
 from .runner import UserError
@@ -178,7 +179,10 @@ def _selftest_args(args) -> dict:
         try:
             get_model(m)  # a built-in name or a model file, validated before any work starts
         except ValueError as e:
-            raise UserError(f"--models: {e}") from None
+            if is_model_file(m):
+                raise UserError(f"--models: {e}") from None
+            raise UserError(f"unknown model {m!r} in --models; valid: all, {', '.join(MODELS)}, or a model file "
+                            f"(path/to/net.py defining SPEC = ModelSpec(...))") from None
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     for d in dtypes:
         if d not in ("float32", "float64"):

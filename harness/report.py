@@ -83,36 +83,55 @@ def _optimizer(r: dict) -> str:
     return (((r.get("meta") or {}).get("info") or {}).get("optimizer") or "-").split(";")[0]
 
 
-def agreement_rows(rows: list[dict]) -> list[list]:
+def _has_state(rows: list[dict]) -> bool:
+    return any("state" in ((r.get("agreement") or {}).get("worst") or {}) for r in rows)
+
+
+def agreement_table(rows: list[dict], tablefmt: str) -> str:
+    """The agreement table; a 'state err' column (BatchNorm's moving statistics) where some row compared state."""
+    state = _has_state(rows)
     out = []
     for r in rows:
         worst = (r.get("agreement") or {}).get("worst", {})
         inv = max([v for k, v in worst.items() if k.startswith("invariance")], default=None)
         out.append([label(r), r["dtype"], r["mode"], r["device"], r["batch_size"], r.get("steps", "-"), status_text(r),
                     _ratio(r), _fmt_err(worst.get("loss")), _fmt_err(worst.get("grads")),
-                    _fmt_err(worst.get("weights")), _fmt_err(worst.get("pred")), _fmt_err(inv), _repeat(r),
-                    _optimizer(r)])
-    return out
+                    _fmt_err(worst.get("weights"))] + ([_fmt_err(worst.get("state"))] if state else [])
+                   + [_fmt_err(worst.get("pred")), _fmt_err(inv), _repeat(r), _optimizer(r)])
+    headers = AGREEMENT_HEADERS[:11] + (["state err"] if state else []) + AGREEMENT_HEADERS[11:]
+    notes = sorted({(r.get("meta") or {}).get("invariance_grads_skipped") for r in rows} - {None})
+    return tabulate(out, headers=headers, tablefmt=tablefmt) + "".join(f"\n\n{n[0].upper()}{n[1:]} (the "
+                                                                          f"batch-invariance column is the predictions')."
+                                                                          for n in notes)
 
 
 AGREEMENT_HEADERS = ["backend", "dtype", "mode", "device", "batch", "steps", "status", "error / bound", "loss err",
                      "grad err", "weight err", "pred err", "batch-invariance err", "repeat", "optimizer"]
 
 
-def native_rows(rows: list[dict]) -> list[list]:
-    """The defaults audit: what each framework's defaults change, and how far they move the trajectory."""
+def native_table(rows: list[dict], tablefmt: str) -> str | None:
+    """The defaults audit: what each framework's defaults change, and how far they move the trajectory, the state
+    (BatchNorm's moving statistics, where a row compared them) and the inference-mode predictions."""
+    state = _has_state(rows)
     out = []
     for r in rows:
         if r["mode"] != "native" or "agreement" not in r:
             continue
         worst = r["agreement"]["worst"]
-        diffs = r.get("native_differences")
+        diffs = list(r.get("native_differences") or [])
+        if r.get("not_comparable"):
+            diffs.append(f"not comparable: {r['not_comparable']}")
         out.append([r["backend"], r["dtype"], r["batch_size"], "; ".join(diffs) if diffs else "(none reported)",
-                    _fmt_err(worst.get("loss")), _fmt_err(worst.get("weights")), str(r["status"])])
-    return out
+                    _fmt_err(worst.get("loss")), _fmt_err(worst.get("weights"))]
+                   + ([_fmt_err(worst.get("state"))] if state else []) + [_fmt_err(worst.get("pred")), str(r["status"])])
+    if not out:
+        return None
+    headers = NATIVE_HEADERS[:6] + (["state err"] if state else []) + NATIVE_HEADERS[6:]
+    return tabulate(out, headers=headers, tablefmt=tablefmt)
 
 
-NATIVE_HEADERS = ["backend", "dtype", "batch", "defaults that differ from the spec", "loss err", "weight err", "verdict"]
+NATIVE_HEADERS = ["backend", "dtype", "batch", "defaults that differ from the spec", "loss err", "weight err",
+                  "pred err", "verdict"]
 
 
 def pair_matrix(pairs: list[dict], tablefmt: str = "simple") -> str:
@@ -159,10 +178,10 @@ SPEED_HEADERS = ["backend", "dtype", "device", "batch", "ms/step (median ± IQR)
 
 def console_table(record: dict) -> str:
     rows = sorted(record["rows"], key=lambda r: (r["batch_size"], r["device"], r["backend"]))
-    text = tabulate(agreement_rows(rows), headers=AGREEMENT_HEADERS, tablefmt="simple")
-    nat = native_rows(rows)
+    text = agreement_table(rows, "simple")
+    nat = native_table(rows, "simple")
     if nat:
-        text += "\n\nDefaults audit (native mode vs the spec)\n" + tabulate(nat, headers=NATIVE_HEADERS)
+        text += "\n\nDefaults audit (native mode vs the spec)\n" + nat
     if len({p["a"] for p in record.get("pairs", [])} | {p["b"] for p in record.get("pairs", [])}) > 2:
         text += "\n\nPairwise worst scaled error (✗: beyond twice the rounding bound)\n" + pair_matrix(record["pairs"])
     sp = speed_rows(rows)
@@ -220,16 +239,18 @@ def model_markdown(model: str, records: list[dict]) -> str | None:
               "`harness/tolerances.py` and `results/calibration.md`). `error / bound` is the row's worst check in "
               "units of its bound (< 1 passes); the error columns are the worst scaled error per tensor, "
               "`max|a-b| / max(max|a|, max|b|)`, over steps and tensors. Status:", "", *legend(STATUS_LEGEND), ""]
-    lines.append(tabulate(agreement_rows(rows), headers=AGREEMENT_HEADERS, tablefmt="github"))
+    lines.append(agreement_table(rows, "github"))
     if absent:
         lines += ["", "Backends with no row in any run: " + ", ".join(f"`{b}` (not run)" for b in absent) + "."]
-    nat = native_rows(rows)
+    nat = native_table(rows, "github")
     if nat:
         lines += ["", "## Defaults audit (`--mode native`)", "",
-                  "Each framework run with its own defaults (Adam epsilon and its convention, idiomatic loss) from "
-                  "the same initial weights: how far the defaults move loss and weights from the spec. Verdict:", "",
+                  "Each framework run with its own defaults (Adam epsilon and its convention, idiomatic loss, "
+                  "BatchNorm momentum / epsilon / stored variance, its own dropout RNG) from the same initial weights: "
+                  "how far the defaults move loss, weights, state and inference-mode predictions from the spec. "
+                  "Verdict:", "",
                   *legend(NATIVE_LEGEND), ""]
-        lines.append(tabulate(nat, headers=NATIVE_HEADERS, tablefmt="github"))
+        lines.append(nat)
     pairs: dict[tuple, dict] = {}
     for rec in used:
         for p in rec.get("pairs", []):
