@@ -180,3 +180,27 @@ def test_old_records_with_status_failed_read_as_error(results_dir):
     assert [r["status"] for r in loaded["rows"]] == [Status.ERROR, Status.PASS]
     assert loaded["oracle"]["1"]["status"] == Status.ERROR
     assert status_text(loaded["rows"][0]) == "error: exit code 1"
+
+
+def test_a_users_model_file_runs_through_compare_and_report(results_dir, capsys):
+    """Issue 12: `--model path/to/net.py` (examples/my_model.py: BatchNorm and dropout) works like a built-in model:
+    the oracle's state is compared, the gradient invariance exemption is stated, and report names the model."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "my_model.py"
+    assert run_cli("compare", "--model", example, "--backends", "numpy", "--steps", "12", "--no-timing",
+                   "--results-dir", results_dir) == 0
+    out = capsys.readouterr().out
+    assert "state err" in out and "not checked: BatchNorm1 normalises each sample with its batch" in out
+    (json_path,) = (results_dir / "raw").glob("*.json")
+    rec = json.loads(json_path.read_text())
+    assert rec["model"] == "my_pima_bn" and rec["spec"]["state_names"] == ["bn1/moving_mean", "bn1/moving_variance"]
+    assert all(r["status"] == Status.PASS for r in rec["rows"])
+    assert all("state" in r["agreement"]["worst"] for r in rec["rows"])
+    with np.load(json_path.with_suffix(".npz")) as f:
+        assert f["numpy|float32|aligned|cpu|b16/final/bn1/moving_variance"].shape == (16,)
+    assert run_cli("report", "--model", example, "--results-dir", results_dir) == 0
+    md = (results_dir / "my_pima_bn.md").read_text()
+    assert "BatchNorm and dropout" in md and "state err" in md
+    assert run_cli("compare", "--model", example, "--batch-sizes", "1", "--results-dir", results_dir) == 2
+    assert "too small for layer 1 (BatchNorm" in capsys.readouterr().err
