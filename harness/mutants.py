@@ -31,6 +31,16 @@ BUGS = {
     "weight_decay": f"decoupled weight decay {WEIGHT_DECAY:g} left on (w -= {WEIGHT_DECAY:g}*w after each update, AdamW)",
     "lr_decay": f"an exponential learning-rate decay left on (lr * {LR_DECAY_RATE:g}^(t/{LR_DECAY_STEPS}), Keras' "
                 "ExponentialDecay, t = updates already applied)",
+    "bn_momentum_convention": "BatchNorm momentum taken in the other convention (torch's 0.1 where Keras' 0.99 means "
+                              "the same): the moving statistics follow the last batch",
+    "predict_training_mode": "predictions in training mode (torch without model.eval()): BatchNorm on the batch's "
+                             "statistics, dropout on",
+    "dropout_unscaled": "dropout without the 1/(1-rate) scaling at train time (not inverted dropout)",
+}
+NEEDS = {  # bug -> (what the model must have, the test): n/a on models without it
+    "bn_momentum_convention": ("a BatchNorm layer", lambda spec: bool(spec.couples_batch)),
+    "predict_training_mode": ("a BatchNorm or Dropout layer", lambda spec: bool(spec.couples_batch or spec.random_layers)),
+    "dropout_unscaled": ("a Dropout layer", lambda spec: bool(spec.random_layers)),
 }
 
 # (bug, batch size) where the bug computes the very same numbers as the spec: not a miss when it passes
@@ -48,6 +58,12 @@ class Model(numpy_scratch.Model):
             raise Unsupported(f"bug {BUG} needs an Adam model")
         if BUG == "float32_loss" and options.dtype != "float64":
             raise Unsupported("bug float32_loss (float32 inside a float64 run) means nothing in a float32 run")
+        if BUG in NEEDS and not NEEDS[BUG][1](spec):
+            raise Unsupported(f"bug {BUG} needs {NEEDS[BUG][0]}")
+        if BUG == "bn_momentum_convention":
+            layers = tuple(dataclasses.replace(layer, momentum=f32(1 - layer.momentum)) if layer.couples_batch else layer
+                           for layer in spec.layers)
+            spec = dataclasses.replace(spec, layers=layers)
         if BUG == "adam_eps":
             spec = dataclasses.replace(spec, optimizer=dataclasses.replace(opt, epsilon=f32(opt.epsilon * 10)))
         elif BUG == "adam_convention":
@@ -104,6 +120,20 @@ class Model(numpy_scratch.Model):
             if prev is not None:
                 x, y = prev
         return super().train_step(x, y)
+
+    def _ctx(self, batch_size):
+        ctx = super()._ctx(batch_size)
+        if BUG == "dropout_unscaled":  # 0 or 1 instead of 0 or 1/(1-rate)
+            ctx.masks = {i: (m != 0).astype(m.dtype) for i, m in ctx.masks.items()}
+        return ctx
+
+    def predict(self, x):
+        if BUG != "predict_training_mode":
+            return super().predict(x)
+        x = self.xp.asarray(np.asarray(x, dtype=self.dtype))
+        out, _ = numpy_scratch.forward(self.xp, self.spec, self.params, x, state=self.state, training=True,
+                                       ctx=self._ctx(len(x)))
+        return self._out(numpy_scratch.predict_from_output(self.xp, self.spec, out))
 
     def gradients(self, x, y):
         loss, grads = super().gradients(x, y)

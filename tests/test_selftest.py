@@ -6,7 +6,7 @@ import importlib.util
 import pytest
 
 from harness.cli import main
-from harness.mutants import BUGS
+from harness.mutants import BUGS, NEEDS
 from harness.selftest import format_selftest, run_selftest, sweep
 from harness.status import Status
 
@@ -19,8 +19,9 @@ def test_every_planted_bug_is_caught_within_10_steps_in_both_dtypes_at_both_batc
     assert not missed
     # not applicable, honestly: float32 accumulation inside a float32 run; sum vs mean of one sample
     na = sorted(k for k, r in rows.items() if r["caught"] is None)
-    assert na == [("float32_loss", "float32", 1), ("float32_loss", "float32", 100), ("reduction", "float32", 1),
-                  ("reduction", "float64", 1)]
+    layer_bugs = sorted((b, dt, bs) for b in NEEDS for dt in ("float32", "float64") for bs in (1, 100))  # no BN/dropout
+    assert na == sorted([("float32_loss", "float32", 1), ("float32_loss", "float32", 100), ("reduction", "float32", 1),
+                         ("reduction", "float64", 1)] + layer_bugs)
     # the bugs that change the forward pass or the gradient show at step 0; optimizer bugs once it has stepped
     at = {k: r["step"] for k, r in rows.items() if r["caught"] and r["status"] == Status.FAIL}
     for dt in ("float32", "float64"):
@@ -60,3 +61,17 @@ def test_selftest_cli_exit_codes(capsys):
     assert "unknown model 'nope'" in capsys.readouterr().err
     assert main(["selftest", "--dtypes", "float16"]) == 2
     assert "unknown dtype 'float16'" in capsys.readouterr().err
+
+
+def test_batchnorm_and_dropout_bugs_are_caught_on_a_model_with_both():
+    """Issue 12: the state comparison and the inference-mode predictions have teeth: a BatchNorm momentum in the other
+    convention, predictions left in training mode and unscaled dropout each fail at once, in both dtypes."""
+    from pathlib import Path
+
+    example = str(Path(__file__).resolve().parent.parent / "examples" / "my_model.py")
+    result = run_selftest([example], ["float32", "float64"], seeds=1, clean_backends=[], bug_seeds=1)
+    rows = [r for r in result["bugs"] if r["bug"] in NEEDS]
+    assert len(rows) == 3 * 2 * 2 and all(r["caught"] for r in rows), [(r["bug"], r["reason"]) for r in rows]
+    first = {r["bug"]: r["step"] for r in rows}
+    assert first == {"bn_momentum_convention": 1, "predict_training_mode": 0, "dropout_unscaled": 0}
+    assert not result["missed"]
