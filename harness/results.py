@@ -21,7 +21,8 @@ import numpy as np
 import backends
 from models.spec import spec_to_dict
 
-from .runner import OLD_STATUS_WORDS, PROJECT_ROOT
+from .runner import PROJECT_ROOT
+from .status import OLD_STATUS_WORDS
 
 DEFAULT_RESULTS_DIR = PROJECT_ROOT / "results"
 SCHEMA = 1
@@ -86,7 +87,7 @@ def to_record(result: dict, run_id: str) -> dict:
     spec = result["spec"]
     rows = []
     for row in result["rows"]:
-        r = {k: v for k, v in row.items() if k != "arrays"}
+        r = row.to_dict()
         if "arrays" in row and "losses" in row["arrays"]:
             r["losses"] = [float(v) for v in row["arrays"]["losses"]]
         r["key"] = row_key(row)

@@ -27,6 +27,7 @@ from models.data import DATASETS, load_dataset
 from models.spec import DTYPES, INIT_PRESETS, Adam, ModelSpec, spec_to_dict
 
 from . import agreement
+from .rows import Row
 from .status import Status
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -227,7 +228,7 @@ def _tail(text: str, lines: int = 15) -> str:
 
 
 def run_backend(backend: str, job: Job, runs: list[dict], options: dict, timeout: float, work_dir: Path,
-                on_row: Callable[[dict], dict] | None = None) -> list[dict]:
+                on_row: Callable[[Row], Row] | None = None) -> list[Row]:
     """Run ``backend`` on ``runs`` in one subprocess; one row per run (status ok/skipped/error/diverged/...).
 
     Rows are read as the worker finishes them; ``on_row(row)`` sees each one as soon as it is written (a long sweep
@@ -237,13 +238,13 @@ def run_backend(backend: str, job: Job, runs: list[dict], options: dict, timeout
     missing = backends.missing_requirements(backend)
     if missing:
         reason = f"not installed ({', '.join(missing)}): {backends.install_hint(backend)}"
-        return [on_row({**base, **_run_fields(r), "status": Status.SKIPPED, "reason": reason}) for r in runs]
+        return [on_row(Row(**base, **_run_fields(r), status=Status.SKIPPED, reason=reason)) for r in runs]
     job_dir = Path(tempfile.mkdtemp(prefix=f"{backend}-", dir=work_dir))
     write_job(job_dir, {"backend": backend, "spec": job.spec, "runs": runs, "options": options})
     np.savez(job_dir / "data.npz", **job.data)
     cmd = [sys.executable, "-m", "harness.worker", str(job_dir)]
     env = subprocess_env(backend, options["dtype"], options.get("threads"))
-    rows: dict[int, dict] = {}
+    rows: dict[int, Row] = {}
 
     def take_ready() -> None:  # the worker finishes runs in order
         skipped = _head(job_dir).get("status") == Status.SKIPPED
@@ -252,10 +253,10 @@ def run_backend(backend: str, job: Job, runs: list[dict], options: dict, timeout
                 break
             rows[i] = on_row(_collect_one(job_dir, base, i, runs[i]))
 
-    def rest(status: Status, reason: str) -> list[dict]:
+    def rest(status: Status, reason: str) -> list[Row]:
         for i, run in enumerate(runs):
             if i not in rows:
-                rows[i] = on_row({**base, **_run_fields(run), "status": status, "reason": reason})
+                rows[i] = on_row(Row(**base, **_run_fields(run), status=status, reason=reason))
         shutil.rmtree(job_dir, ignore_errors=True)
         return [rows[i] for i in range(len(runs))]
 
@@ -301,15 +302,6 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-# status words of older records and workers: "failed" (a crash) and "missing" (no result written) are now ERROR
-OLD_STATUS_WORDS = {"failed": Status.ERROR, "missing": Status.ERROR}
-
-
-def as_status(word: str) -> Status:
-    """A row's status word as the Status type, old words included."""
-    return OLD_STATUS_WORDS.get(word) or Status(word)
-
-
 def _run_fields(run: dict) -> dict:
     """What a row says about its run: batch size, device, seed, and for the oracle's variants their dtype/rounding."""
     out = {"batch_size": run["batch_size"], "device": run["device"], "seed": run.get("seed")}
@@ -330,24 +322,21 @@ def _head(job_dir: Path) -> dict:
         return {}
 
 
-def _collect_one(job_dir: Path, base: dict, i: int, run: dict) -> dict:
+def _collect_one(job_dir: Path, base: dict, i: int, run: dict) -> Row:
     """The row of run ``i`` from what the worker wrote (its JSON and NPZ are removed once read)."""
-    import json
-
     head = _head(job_dir)
-    row = {**base, **_run_fields(run), "version": head.get("version"), "env": head.get("env")}
-    meta_path = job_dir / f"run-{i}.json"
+    fields = {**base, **_run_fields(run), "version": head.get("version"), "env": head.get("env")}
     if head.get("status") == Status.SKIPPED:
-        row.update(status=Status.SKIPPED, reason=head["reason"])
-        return row
-    meta = json.loads(meta_path.read_text())
-    row.update(status=as_status(meta.pop("status")), reason=meta.pop("reason", None), meta=meta)
+        return Row(**fields, status=Status.SKIPPED, reason=head["reason"])
+    meta = json.loads((job_dir / f"run-{i}.json").read_text())
+    status, reason = meta.pop("status"), meta.pop("reason", None)
+    arrays = None
     npz = job_dir / f"run-{i}.npz"
     if npz.exists():
         with np.load(npz) as f:
-            row["arrays"] = {k: f[k] for k in f.files}
+            arrays = {k: f[k] for k in f.files}
         npz.unlink()
-    return row
+    return Row(**fields, status=status, reason=reason, meta=meta, arrays=arrays)
 
 
 # ------------------------------------------------------------------------------------------------------- comparison
@@ -377,11 +366,11 @@ def variants_for(spec: ModelSpec, dtype: str, batch_size: int) -> list[str]:
 class Oracle:
     """The float64 oracle of every (seed, batch size) and the rounding envelope around it in the compared dtype."""
 
-    rows: dict[tuple[int, int], dict]  # (seed, batch size) -> the float64 oracle's row (with its arrays)
+    rows: dict[tuple[int, int], Row]  # (seed, batch size) -> the float64 oracle's row (with its arrays)
     references: dict[tuple[int, int], agreement.Reference]
     problems: list[str]  # oracle or variant runs that did not finish (their checks are then missing or unbounded)
 
-    def reference(self, row: dict) -> agreement.Reference | None:
+    def reference(self, row: Row) -> agreement.Reference | None:
         return self.references.get((row.get("seed"), row["batch_size"]))
 
 
@@ -400,7 +389,7 @@ def run_oracle(job: Job, dtype: str, steps: int, check_every: int, options: dict
     oracle = Oracle({}, {}, [])
     pending: dict[tuple[int, int], dict] = {}
 
-    def on_row(row: dict) -> dict:
+    def on_row(row: Row) -> Row:
         key = (row["seed"], row["batch_size"])
         if row.get("variant") is None:
             pending[key] = {"oracle": row, "variants": {}}
@@ -418,7 +407,7 @@ def run_oracle(job: Job, dtype: str, steps: int, check_every: int, options: dict
             if o["status"] == Status.OK:
                 good = {v: r["arrays"] for v, r in done["variants"].items() if r["status"] == Status.OK}
                 oracle.references[key] = agreement.build_reference(spec, dtype, o["arrays"], good)
-        return {k: v for k, v in row.items() if k != "arrays"}
+        return row.but(arrays=None)
 
     progress(f"oracle: numpy float64 and its rounding variants in {dtype} ({len(runs)} runs: seeds {span(job.seeds)}, "
              f"batch sizes {job.batch_sizes})")
@@ -436,7 +425,7 @@ def span(seeds: list[int]) -> str:
     return f"{seeds[0]}..{seeds[-1]}" if len(seeds) > 2 else ", ".join(map(str, seeds))
 
 
-def _batches(job: Job, row: dict, spec: ModelSpec, steps: set[int]) -> dict[int, tuple]:
+def _batches(job: Job, row: Row, spec: ModelSpec, steps: set[int]) -> dict[int, tuple]:
     """step -> (x, y) of the run's batch at each of ``steps`` (float64 x; integer or float64 y)."""
     order = job.order(row["batch_size"], row.get("seed"))
     x, y = job.data["x"], job.data["y"]
@@ -444,23 +433,21 @@ def _batches(job: Job, row: dict, spec: ModelSpec, steps: set[int]) -> dict[int,
                 else y[order[s]].astype(np.float64)) for s in steps if s < len(order)}
 
 
-def judge(spec: ModelSpec, row: dict, oracle: Oracle, job: Job | None = None) -> None:
-    """Turn a finished run into pass / fail / diverged with its checks (in place); with ``job`` (its data and batch
-    orders) a gradient after step 0 that leaves the trajectory's envelope is judged again at the run's own weights."""
+def judge(spec: ModelSpec, row: Row, oracle: Oracle, job: Job | None = None) -> Row:
+    """The judged row of a finished run: pass / fail / diverged with its checks (native: matches spec / differs); with
+    ``job`` (its data and batch orders) a gradient after step 0 that leaves the trajectory's envelope is judged again
+    at the run's own weights, and a timed row gets its time per epoch.  Rows that did not finish come back as they are."""
     arrays = row.get("arrays", {})
     nonfinite = agreement.first_nonfinite(spec, arrays) if row["status"] in (Status.OK, Status.DIVERGED) else None
     if row["status"] == Status.DIVERGED or nonfinite:
-        row["status"] = Status.DIVERGED
-        row["reason"] = nonfinite or row.get("reason")
-        return
+        return row.but(status=Status.DIVERGED, reason=nonfinite or row.get("reason"))
     if row["status"] != Status.OK:
-        return
+        return row
     ref = oracle.reference(row)
     if ref is None:
         o = oracle.rows.get((row.get("seed"), row["batch_size"]))
-        row["status"] = Status.ERROR
-        row["reason"] = "no oracle run to compare with" + (f" ({o['status']}: {o.get('reason')})" if o else "")
-        return
+        return row.but(status=Status.ERROR, reason="no oracle run to compare with"
+                       + (f" ({o['status']}: {o.get('reason')})" if o else ""))
     checks = agreement.invariance_checks(spec, ref, arrays) + agreement.compare_runs(spec, ref, arrays)
     # a gradient after step 0 outside the trajectory's envelope is judged again where it was computed, at the run's own
     # weights (agreement.local_gradient_checks): either is evidence of a correct implementation, and only the rare
@@ -473,26 +460,31 @@ def judge(spec: ModelSpec, row: dict, oracle: Oracle, job: Job | None = None) ->
         steps = {c.step for c in local}
         checks = [c for c in checks if not (c.quantity == "grads" and c.step in steps)] + local
         checks.sort(key=lambda c: c.step)
-    untracked = row["mode"] == "native" and spec.random_layers
+    untracked = row["mode"] == "native" and bool(spec.random_layers)
     if untracked:  # the framework drew its own dropout masks: only what runs without them is comparable
         checks = [c for c in checks if c.quantity == "invariance/pred" or (c.quantity == "pred" and c.step == 0)]
-        row["not_comparable"] = ("trajectories (loss, gradients, weights, state, final predictions): framework RNG "
-                                 "draws the Dropout masks; compared: inference-mode predictions at the initial weights")
     summary = agreement.summarize(checks)
     summary["variants"] = ref.variants
-    row["checks"] = [c.as_dict() for c in checks if c.ok is False][:50]  # the failing ones; worst kept in summary
-    row["agreement"] = summary
-    row["status"] = summary["status"]
-    if summary["first_failure"]:
-        row["reason"] = agreement.describe_failure(summary["first_failure"])
+    status = summary["status"]
+    reason = agreement.describe_failure(summary["first_failure"]) if summary["first_failure"] else row.get("reason")
+    native = {}
     if row["mode"] == "native":
         # the defaults audit: a native row is expected to part from the spec; say whether and how far
-        row["status"] = Status.MATCHES if summary["status"] == Status.PASS else Status.DIFFERS
+        status = Status.MATCHES if status == Status.PASS else Status.DIFFERS
         if untracked and not summary["first_failure"]:
-            row["reason"] = "not comparable: framework RNG (Dropout masks) for trajectories; inference matches"
+            reason = "not comparable: framework RNG (Dropout masks) for trajectories; inference matches"
         diffs = ((row.get("meta") or {}).get("info") or {}).get("native_differences")
-        if diffs is not None:
-            row["native_differences"] = diffs
+        native = {"native_differences": None if diffs is None else tuple(diffs),
+                  "not_comparable": ("trajectories (loss, gradients, weights, state, final predictions): framework "
+                                     "RNG draws the Dropout masks; compared: inference-mode predictions at the "
+                                     "initial weights") if untracked else None}
+    meta = row.get("meta") or {}
+    if job is not None and meta.get("timing"):  # an epoch = the full batches of the training set
+        epoch_s = meta["timing"]["median_s"] * (len(job.data["x"]) // row["batch_size"])
+        meta = {**meta, "timing": {**meta["timing"], "epoch_s": epoch_s}}
+    return row.but(status=status, reason=reason, agreement=summary, meta=meta or row.meta,
+                   checks=tuple(c.as_dict() for c in checks if c.ok is False)[:50],  # the failing ones
+                   **native)
 
 
 def compare(cfg: CompareConfig, progress: Callable[[str], None] = lambda s: None) -> dict:
@@ -520,20 +512,13 @@ def compare(cfg: CompareConfig, progress: Callable[[str], None] = lambda s: None
                 runs = [{"seed": cfg.seed, "batch_size": bs, "device": d, "steps": cfg.steps,
                          "check_every": cfg.check_every, "timing": timing, "repeat": cfg.repeat}
                         for d in devices for bs in job.batch_sizes]
-                rows = run_backend(b, job, runs, options, cfg.timeout, work)
-                for row in rows:
-                    judge(spec, row, oracle, job)
-                    timing_ = (row.get("meta") or {}).get("timing")
-                    if timing_:  # an epoch = the full batches of the training set
-                        timing_["epoch_s"] = timing_["median_s"] * (len(job.data["x"]) // row["batch_size"])
+                rows = [judge(spec, row, oracle, job) for row in run_backend(b, job, runs, options, cfg.timeout, work)]
                 result["rows"] += rows
                 progress(f"[{i}/{len(cfg.backends)}] {b}: "
                          + ", ".join(f"batch {r['batch_size']} {r['device']} {r['status']}" for r in rows)
                          + f" ({time.perf_counter() - t:.1f} s)")
         except Interrupted as e:
-            for row in e.rows:
-                judge(spec, row, oracle, job)
-            result["rows"] += e.rows
+            result["rows"] += [judge(spec, row, oracle, job) for row in e.rows]
             result["interrupted"] = True
         except KeyboardInterrupt:
             result["interrupted"] = True
@@ -542,7 +527,7 @@ def compare(cfg: CompareConfig, progress: Callable[[str], None] = lambda s: None
     return result
 
 
-def pairwise(spec: ModelSpec, rows: list[dict], oracle: Oracle) -> list[dict]:
+def pairwise(spec: ModelSpec, rows: list[Row], oracle: Oracle) -> list[dict]:
     """Every pair of finished rows at the same batch size and device: worst scaled error over everything compared,
     and whether the two agree within twice the rounding bound (each may sit anywhere in its own)."""
     done = [r for r in rows if "arrays" in r and r["status"] in (Status.PASS, Status.FAIL, Status.MATCHES,

@@ -27,6 +27,7 @@ import backends
 
 from . import agreement
 from .mutants import BUGS, IDENTICAL_AT
+from .rows import Row
 from .runner import CompareConfig, UserError, judge, prepare, run_backend, run_oracle, span, validate
 from .status import Status
 
@@ -65,7 +66,7 @@ def _jax_cache():
                     os.environ[k] = v
 
 
-def _summary(row: dict) -> dict:
+def _summary(row: Row) -> dict:
     """What a sweep keeps of a judged row (no arrays)."""
     agr = row.get("agreement") or {}
     first = agr.get("first_failure")
@@ -76,6 +77,19 @@ def _summary(row: dict) -> dict:
             "step": first["step"] if first else None, "quantity": first["quantity"] if first else None,
             "tensor": first["tensor"] if first else None, "ratio": first["ratio"] if first else None,
             "optimizer": (((row.get("meta") or {}).get("info") or {}).get("optimizer"))}
+
+
+def _bug_summary(r: dict) -> dict:
+    """A planted bug's summary with its name and whether it was caught within CATCH_WITHIN steps (None: it cannot
+    exist in this configuration, a skip that says why)."""
+    bug = r["backend"][4:]
+    why = IDENTICAL_AT.get((bug, r["batch_size"]))
+    if bug == "batch_shift" and r["same_batch_every_step"]:
+        why = "every step sees the same batch (full batch, unshuffled): a shifted order is the same"
+    status, reason = (Status.SKIPPED, why) if why else (r["status"], r["reason"])
+    caught = None if status == Status.SKIPPED else (
+        status == Status.DIVERGED or (status == Status.FAIL and r["step"] <= CATCH_WITHIN))
+    return {**r, "bug": bug, "status": status, "reason": reason, "caught": caught}
 
 
 def sweep(model: str, backend_names: list[str], seeds: list[int], dtype: str, steps: int = 12,
@@ -101,8 +115,8 @@ def sweep(model: str, backend_names: list[str], seeds: list[int], dtype: str, st
             runs = [{"seed": s, "batch_size": b, "device": "cpu", "steps": steps, "check_every": cfg.check_every,
                      "timing": None, "repeat": False} for s in seeds for b in job.batch_sizes]
 
-            def on_row(row: dict) -> dict:
-                judge(spec, row, oracle, job)
+            def on_row(row: Row) -> dict:
+                row = judge(spec, row, oracle, job)
                 rec = {"model": model, "dtype": dtype, **_summary(row),
                        "same_batch_every_step": same_batch[(row.get("seed"), row["batch_size"])]}
                 if rec["status"] not in (Status.PASS, Status.SKIPPED) and not rec["backend"].startswith("bug-"):
@@ -163,16 +177,7 @@ def run_selftest(models: list[str], dtypes: list[str], seeds: int = 5, steps: in
         for clean, rows in results:
             for part in clean:
                 clean_rows += part
-            for r in rows:
-                r["bug"] = r["backend"][4:]
-                why = IDENTICAL_AT.get((r["bug"], r["batch_size"]))
-                if r["bug"] == "batch_shift" and r["same_batch_every_step"]:
-                    why = "every step sees the same batch (full batch, unshuffled): a shifted order is the same"
-                if why:
-                    r["status"], r["reason"] = Status.SKIPPED, why
-                r["caught"] = None if r["status"] == Status.SKIPPED else (
-                    r["status"] == Status.DIVERGED or (r["status"] == Status.FAIL and r["step"] <= CATCH_WITHIN))
-            bug_rows += rows
+            bug_rows += [_bug_summary(r) for r in rows]
     clean_rows.sort(key=lambda r: (r["model"], r["dtype"], r["backend"], r["seed"], r["batch_size"]))
     false_alarms = [r for r in clean_rows if r["status"] in (Status.FAIL, Status.DIVERGED)]
     errors = [r for r in clean_rows if r["status"] not in (Status.PASS, Status.SKIPPED, Status.FAIL, Status.DIVERGED)]

@@ -32,3 +32,12 @@ class Status(str, Enum):
 
 # statuses after which the CLI exits 0 (anything else: 1)
 GOOD = frozenset({Status.PASS, Status.SKIPPED, Status.MATCHES, Status.DIFFERS})
+
+
+# status words of older records and workers: "failed" (a crash) and "missing" (no result written) are now ERROR
+OLD_STATUS_WORDS = {"failed": Status.ERROR, "missing": Status.ERROR}
+
+
+def as_status(word) -> Status:
+    """A row's status word as the Status type, old words included."""
+    return OLD_STATUS_WORDS.get(word) or Status(word)

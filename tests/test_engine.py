@@ -1,5 +1,8 @@
 """The agreement engine end to end: determinism replay, the pairwise matrix, the native-mode audit."""
 
+import numpy as np
+import pytest
+
 from harness.report import console_table
 from harness.results import to_record
 from harness.runner import CompareConfig, compare
@@ -38,3 +41,25 @@ def test_fast_mode_rows_are_labelled_and_kept_apart():
     rec = to_record(res, "x")
     assert all(r["key"].startswith("numpy|fast|") for r in rec["rows"])
     assert "numpy (fast)" in console_table(rec)
+
+
+def test_rows_are_typed_records_that_judging_replaces_not_patches():
+    """Issue 12: a row is a frozen record with the Status type; judge returns a new row and leaves the old one alone."""
+    import dataclasses
+
+    from harness.rows import Row
+    from harness.runner import Oracle, judge
+    from harness.status import Status
+    from models import get_model
+
+    row = Row("torch", "float32", "aligned", 4, "cpu", "ok", seed=0, arrays={"losses": np.array([1.0, np.nan])})
+    assert row["status"] is Status.OK and row.get("reason") is None and "agreement" not in row
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        row.status = Status.PASS
+    with pytest.raises(TypeError):
+        row["status"] = Status.PASS
+    judged = judge(get_model("mlp_431"), row, Oracle({}, {}, []))
+    assert judged["status"] is Status.DIVERGED and judged["reason"].startswith("diverged at step 1")
+    assert row["status"] is Status.OK  # unchanged
+    assert Row("tf1", "float64", "aligned", 1, "cpu", "failed").status is Status.ERROR  # an old record's word
+    assert judged.to_dict()["status"] == "diverged" and "arrays" not in judged.to_dict()
