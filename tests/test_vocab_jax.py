@@ -1,0 +1,330 @@
+"""The JAX backend on the whole spec vocabulary (issue 12): tables, BatchNorm, Dropout, Activation, use_bias=False.
+
+* Tables: ``LAYER_BUILDERS`` / ``OPTIMIZER_BUILDERS`` cover ``models.spec.LAYERS`` / ``OPTIMIZERS``; a layer or an
+  optimizer the backend does not know is ``Unsupported`` ("jax has no Dummy") when the model is built.
+* Aligned float64 against the NumPy oracle (same weights, same ``BuildOptions.seed``, so the same dropout masks): loss
+  and gradients before every step, weights and BatchNorm state after 3 steps, predictions (inference mode), to 1e-12
+  scaled, on Conv2D(use_bias=False) -> BatchNorm -> Activation -> MaxPool2D -> Flatten -> Dropout -> Dense (batch 1
+  and 4) and Dense -> BatchNorm(unbiased) -> Activation -> Dense (batch 4); through the jitted step and through the
+  ``lax.scan`` fast mode (stacked masks); ``gradients()`` moves nothing.  A second model of the same key with another
+  seed runs the first one's executable (nothing per model is closed over) and still follows its own seed's oracle.
+* Native mode: BatchNorm's moving statistics after one step follow the spec's formula (pure JAX has no BatchNorm
+  default: native = spec), and dropout from ``jax.random`` keeps values in {0, x/(1-p)} at a kept fraction near
+  1 - p, fixed within a step, new the next step, while predict is deterministic.
+
+float64 JAX needs ``JAX_ENABLE_X64`` before JAX is imported: the ``f64`` tests, in a process without it, run once
+together in a subprocess with it set (``pytest -k f64``) and each reports its own outcome from there.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import backends.numpy_scratch as ref
+from backends.base import BuildOptions, Unsupported
+from models import init_weights
+from models.spec import (
+    LAYERS,
+    OPTIMIZERS,
+    SGD,
+    Activation,
+    Adam,
+    BatchNorm,
+    Conv2D,
+    Dense,
+    Dropout,
+    Flatten,
+    Init,
+    Layer,
+    Loss,
+    MaxPool2D,
+    ModelSpec,
+    f32,
+    init_state,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _jax():
+    pytest.importorskip("jax")
+    pytest.importorskip("optax")
+    import backends.jax_jit as jb
+
+    return jb
+
+
+def scaled_error(a, b, floor: float = 1e-300) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = max(np.max(np.abs(a)), np.max(np.abs(b)), floor)
+    return float(np.max(np.abs(a - b)) / scale)
+
+
+def _spec(name, input_shape, layers, loss, optimizer, batch_sizes=(1, 4)) -> ModelSpec:
+    spec = ModelSpec(name=name, description="issue 12 vocabulary test", input_shape=input_shape, layers=layers,
+                     loss=loss, optimizer=optimizer, init=Init("glorot_uniform", "uniform", 0.1), dataset="toy_431",
+                     batch_sizes=batch_sizes, epochs=1, expected_params=0)
+    return spec.with_overrides(expected_params=spec.param_count())
+
+
+CONV = _spec("vocab_conv", (6, 6, 2),
+             (Conv2D(3, (3, 3), use_bias=False), BatchNorm(), Activation("relu"), MaxPool2D(2), Flatten(),
+              Dropout(0.5), Dense(3)),
+             Loss("softmax_crossentropy", "mean"), Adam(lr=f32(0.01)))
+DENSE = _spec("vocab_dense", (5,),
+              (Dense(4), BatchNorm(momentum=f32(0.9), epsilon=f32(1e-5), unbiased_moving_variance=True),
+               Activation("sigmoid"), Dense(2)),
+              Loss("sse", "sum"), SGD(0.05), batch_sizes=(2, 4))
+SPECS = {"conv": CONV, "dense": DENSE}
+
+
+def _batch(spec, b, rng):
+    x = rng.normal(size=(b, *spec.input_shape))
+    y = rng.integers(0, spec.n_outputs, b) if spec.loss.integer_labels else rng.normal(size=(b, spec.n_outputs))
+    return x, y
+
+
+# ------------------------------------------------------------------------------------- float64 in an x64 process
+@pytest.fixture(scope="module")
+def x64_outcomes(tmp_path_factory) -> dict:
+    """The ``f64`` tests of this file run in one subprocess with ``JAX_ENABLE_X64=1``: test name -> (outcome, text)."""
+    xml = tmp_path_factory.mktemp("x64") / "junit.xml"
+    env = {**os.environ, "JAX_ENABLE_X64": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
+                           "-k", "f64", f"--junitxml={xml}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    if not xml.exists():
+        pytest.fail(f"the x64 subprocess wrote no report (rc {proc.returncode}):\n{proc.stdout[-3000:]}"
+                    f"\n{proc.stderr[-3000:]}")
+    out = {}
+    for case in ET.parse(xml).getroot().iter("testcase"):
+        kinds = [c for c in case if c.tag in ("failure", "error", "skipped")]
+        out[case.get("name")] = ((kinds[0].tag, (kinds[0].get("message") or "") + "\n" + (kinds[0].text or ""))
+                                 if kinds else ("passed", ""))
+    return out
+
+
+def _x64(request):
+    """The backend module when this process has x64; otherwise the test's outcome in the x64 subprocess is reported
+    here and None is returned (the caller returns)."""
+    jb = _jax()
+    if jb.x64_enabled():
+        return jb
+    outcome, text = request.getfixturevalue("x64_outcomes").get(request.node.name, ("missing", ""))
+    if outcome == "skipped":
+        pytest.skip(text)
+    if outcome != "passed":
+        pytest.fail(f"in the JAX_ENABLE_X64=1 subprocess: {outcome}\n{text}", pytrace=False)
+    return None
+
+
+F64_CASES = [("conv", 1, False), ("conv", 4, False), ("dense", 4, False), ("conv", 4, True), ("dense", 4, True)]
+
+
+@pytest.mark.parametrize("name,b,fast", F64_CASES, ids=[f"{n}-b{b}{'-scan' if f else ''}" for n, b, f in F64_CASES])
+def test_f64_aligned_matches_oracle(name, b, fast, request):
+    jb = _x64(request)
+    if jb is None:
+        return
+    spec = SPECS[name]
+    w = init_weights(spec, 1)
+    opts = dict(dtype="float64", seed=11)
+    m = jb.Model(spec, w, BuildOptions(fast=fast, **opts))
+    o = ref.Model(spec, w, BuildOptions(**opts))
+    rng = np.random.default_rng(5)
+    batches = [_batch(spec, b, rng) for _ in range(3)]
+    tol = 1e-12
+    if fast:  # one lax.scan over the 3 stacked batches: the masks of steps 0, 1, 2 stacked (3, B, ...)
+        xs, ys = np.stack([x for x, _ in batches]), np.stack([y for _, y in batches])
+        assert scaled_error(m.train_steps(xs, ys), o.train_steps(xs, ys)) < tol
+        assert "scan" in m.info["compile_s"] and "step" not in m.info["compile_s"]
+    else:
+        for x, y in batches:
+            loss, grads = m.gradients(x, y)
+            loss_ref, grads_ref = o.gradients(x, y)
+            assert abs(loss - loss_ref) <= tol * abs(loss_ref)
+            assert len(grads) == len(grads_ref)
+            # scaled by the largest gradient of the model too: the bias before a BatchNorm has a zero gradient in
+            # exact arithmetic (the batch mean removes it), ~1e-17 of rounding in each implementation
+            floor = max(np.max(np.abs(g)) for g in grads_ref)
+            for g, gr in zip(grads, grads_ref):
+                assert g.shape == gr.shape and scaled_error(g, gr, floor) < tol
+            # gradients() changed nothing: the step that follows starts from the same weights, state and masks
+            assert m.train_step(x, y) == loss
+            o.train_step(x, y)
+    assert m.t == o.t == 3
+    for a, c in zip(m.get_weights(), o.get_weights(), strict=True):
+        assert scaled_error(a, c) < tol
+    state, state_ref = m.get_state(), o.get_state()
+    assert [s.shape for s in state] == [tuple(s) for s in spec.state_shapes()]
+    for a, c in zip(state, state_ref, strict=True):
+        assert scaled_error(a, c) < tol
+    assert not all(np.array_equal(a, c) for a, c in zip(state, init_state(spec)))  # the state moved
+    x = _batch(spec, 3, rng)[0]
+    assert scaled_error(m.predict(x), o.predict(x)) < tol
+    assert np.array_equal(m.predict(x), m.predict(x))
+
+
+def test_f64_gradients_change_nothing(request):
+    jb = _x64(request)
+    if jb is None:
+        return
+    spec = CONV
+    w = init_weights(spec, 2)
+    m = jb.Model(spec, w, BuildOptions(dtype="float64", seed=3))
+    x, y = _batch(spec, 4, np.random.default_rng(0))
+    m.train_step(x, y)
+    weights, state, opt = m.get_weights(), m.get_state(), [np.array(a) for a in jb.jax.tree_util.tree_leaves(
+        m.opt_state)]
+    first = m.gradients(x, y)
+    second = m.gradients(x, y)
+    assert first[0] == second[0] and all(np.array_equal(a, c) for a, c in zip(first[1], second[1]))
+    assert all(np.array_equal(a, c) for a, c in zip(weights, m.get_weights()))
+    assert all(np.array_equal(a, c) for a, c in zip(state, m.get_state()))
+    assert all(np.array_equal(a, np.array(c)) for a, c in zip(opt, jb.jax.tree_util.tree_leaves(m.opt_state)))
+    assert m.t == 1
+
+
+def test_f64_shared_executable_follows_each_models_seed(request):
+    """A second model of the same (spec, mode, dtype, device) runs the first one's compiled step: the masks and the
+    state are arguments, so its own seed's masks are used (it matches its own oracle, not the first model)."""
+    jb = _x64(request)
+    if jb is None:
+        return
+    spec = CONV
+    w = init_weights(spec, 4)
+    x, y = _batch(spec, 4, np.random.default_rng(1))
+    first = jb.Model(spec, w, BuildOptions(dtype="float64", seed=21))
+    first.train_step(x, y)
+    second = jb.Model(spec, w, BuildOptions(dtype="float64", seed=22))
+    loss = second.train_step(x, y)
+    assert second.info["compile_reused"].get("step") == 1
+    o = ref.Model(spec, w, BuildOptions(dtype="float64", seed=22))
+    assert abs(loss - o.train_step(x, y)) <= 1e-12 * abs(loss)
+    for a, c in zip(second.get_weights(), o.get_weights()):
+        assert scaled_error(a, c) < 1e-12
+    assert not all(np.array_equal(a, c) for a, c in zip(first.get_weights(), second.get_weights()))
+
+
+def test_f64_native_batchnorm_statistics_follow_the_spec(request):
+    """Pure JAX has no BatchNorm, so native mode runs the spec's: after one step moving_mean = (1-m)*mean(h) and
+    moving_variance = m*1 + (1-m)*var(h)*n/(n-1), h = x @ W + b the BatchNorm's input (here m = 0.9, unbiased)."""
+    jb = _x64(request)
+    if jb is None:
+        return
+    spec = DENSE
+    bn = spec.layers[1]
+    w = init_weights(spec, 0)
+    x, y = _batch(spec, 6, np.random.default_rng(2))
+    m = jb.Model(spec, w, BuildOptions(dtype="float64", mode="native"))
+    m.train_step(x, y)
+    h = x @ w[0] + w[1]
+    mean, var = h.mean(axis=0), h.var(axis=0, ddof=1)
+    mom = bn.momentum
+    want = [(1 - mom) * mean, mom * 1.0 + (1 - mom) * var]
+    for got, exp in zip(m.get_state(), want, strict=True):
+        assert scaled_error(got, exp) < 1e-12
+    assert "native = spec" in m.info["batchnorm"]
+    assert not any("BatchNorm" in d for d in m.info["native_differences"])
+
+
+# ----------------------------------------------------------------------------------------- float32, in process
+@dataclass(frozen=True)
+class Dummy(Layer):
+    prefix = "dummy"
+
+    def output_shape(self, in_shape):
+        return tuple(in_shape)
+
+
+@dataclass(frozen=True)
+class Momentum:
+    lr: float = 0.1
+
+
+def test_tables_cover_the_vocabulary():
+    jb = _jax()
+    assert set(jb.LAYER_BUILDERS) == set(LAYERS.values())
+    assert set(jb.OPTIMIZER_BUILDERS) == set(OPTIMIZERS.values())
+    assert all(callable(v) for v in (*jb.LAYER_BUILDERS.values(), *jb.OPTIMIZER_BUILDERS.values()))
+
+
+@pytest.mark.parametrize("mode", ["aligned", "native"])
+def test_an_unknown_layer_or_optimizer_is_unsupported(mode):
+    jb = _jax()
+    spec = DENSE.with_overrides(layers=DENSE.layers[:2] + (Dummy(),) + DENSE.layers[2:])
+    with pytest.raises(Unsupported, match="jax has no Dummy"):
+        jb.Model(spec, init_weights(spec, 0), BuildOptions(dtype="float32", mode=mode))
+    spec = DENSE.with_overrides(optimizer=Momentum())
+    with pytest.raises(Unsupported, match="jax has no Momentum"):
+        jb.Model(spec, init_weights(spec, 0), BuildOptions(dtype="float32", mode=mode))
+
+
+def _dropout_probe(rate: float, n: int) -> ModelSpec:
+    """x -> Dropout -> Dense(1): with a zero kernel and bias the output is 0, and with y = -0.5 the SSE loss's
+    kernel gradient is 2*(0 + 0.5)*dropped(x) = dropped(x) itself (batch 1)."""
+    return _spec("dropout_probe", (n,), (Dropout(rate), Dense(1)), Loss("sse", "sum"), SGD(0.1))
+
+
+def test_native_dropout_uses_jax_rng():
+    jb = _jax()
+    rate, n = 0.3, 4000
+    spec = _dropout_probe(rate, n)
+    zeros = [np.zeros((n, 1)), np.zeros(1)]
+    x = np.random.default_rng(0).uniform(0.5, 2.0, (1, n)).astype(np.float32)
+    y = np.full((1, 1), -0.5, np.float32)
+    m = jb.Model(spec, zeros, BuildOptions(dtype="float32", mode="native", seed=1))
+    assert "Dropout masks from JAX's RNG (jax.random.bernoulli): trajectories not comparable" in \
+        m.info["native_differences"]
+    dropped = m.gradients(x, y)[1][0][:, 0]
+    kept = dropped != 0
+    np.testing.assert_allclose(dropped[kept], x[0, kept] / np.float32(1 - rate), rtol=1e-6)
+    assert abs(kept.mean() - (1 - rate)) < 0.05
+    assert np.array_equal(m.gradients(x, y)[1][0][:, 0], dropped)  # one step, one draw
+    m.train_step(x, y)  # lr 0.1 moves the kernel; the next step's draw differs
+    again = jb.Model(spec, zeros, BuildOptions(dtype="float32", mode="native", seed=1))
+    again.t = 1
+    assert not np.array_equal(again.gradients(x, y)[1][0][:, 0] != 0, kept)
+    other_seed = jb.Model(spec, zeros, BuildOptions(dtype="float32", mode="native", seed=2))
+    assert not np.array_equal(other_seed.gradients(x, y)[1][0][:, 0] != 0, kept)
+    # inference mode: no dropout, the same numbers every time
+    ones = [np.ones((n, 1)), np.zeros(1)]
+    p = jb.Model(spec, ones, BuildOptions(dtype="float32", mode="native", seed=1))
+    out = p.predict(x)
+    assert np.array_equal(out, p.predict(x))
+    np.testing.assert_allclose(out[0, 0], x.astype(np.float64).sum(), rtol=1e-5)
+
+
+def test_aligned_dropout_uses_the_harness_masks():
+    """The same probe in aligned mode: dropped(x) is x times the harness's mask of the step, in the loop and in the
+    scan (stacked masks)."""
+    jb = _jax()
+    rate, n = 0.4, 50
+    spec = _dropout_probe(rate, n)
+    zeros = [np.zeros((n, 1)), np.zeros(1)]
+    x = np.random.default_rng(0).uniform(0.5, 2.0, (1, n)).astype(np.float32)
+    y = np.full((1, 1), -0.5, np.float32)
+    for step in (0, 1, 5):  # gradients() and the train step at step t (t updates applied) use step t's masks
+        m = jb.Model(spec, zeros, BuildOptions(dtype="float32", seed=9))
+        assert "native_differences" not in m.info
+        m.t = step
+        want = (x * m.dropout_masks(step, 1)[0])[0]
+        assert 0 < np.count_nonzero(want) < n
+        assert np.array_equal(m.gradients(x, y)[1][0][:, 0], want)
+        m.train_step(x, y)  # from a zero kernel: kernel = -0.1 * dropped(x)
+        assert np.array_equal(m.get_weights()[0][:, 0], -np.float32(0.1) * want)
+    # the scan fast mode (masks stacked (k, 1, n)) against the loop
+    loop = jb.Model(spec, zeros, BuildOptions(dtype="float32", seed=9))
+    scan = jb.Model(spec, zeros, BuildOptions(dtype="float32", seed=9, fast=True))
+    xs, ys = np.stack([x] * 3), np.stack([y] * 3)
+    np.testing.assert_array_equal(scan.train_steps(xs, ys), loop.train_steps(xs, ys))
+    np.testing.assert_array_equal(scan.get_weights()[0], loop.get_weights()[0])
+    assert scan.t == loop.t == 3
