@@ -479,6 +479,8 @@ class Model(ModelBase):
                                                                 for i in self.spec.random_layers)]
         else:
             masks = self.dropout_masks(step, b, self.np_dtype)
+        if keras.ops.is_tensor(x):  # x staged by to_device: Keras on torch refuses a list mixing tensors and arrays
+            masks = [keras.ops.convert_to_tensor(a) for a in masks]
         return [x, *masks]
 
     def to_device(self, xs, ys):
@@ -530,8 +532,8 @@ class Model(ModelBase):
 
     # -- gradients without an update ----------------------------------------------------------------------------------
     def gradients(self, x, y):
-        inputs, y = self._inputs(x, self.t), self._y(y)
         with keras.device(self.device):
+            inputs, y = self._inputs(x, self.t), self._y(y)
             if BACKEND == "jax":  # stateless: the new non-trainable values are discarded
                 loss, grads = self._grads_jax(inputs, y)
             else:
