@@ -478,7 +478,7 @@ class Model(ModelBase):
             self.colsum = colsum
             self.perturb = perturb
         self.info = {"optimizer": f"hand-written {type(opt).__name__}"
-                     + (f" ({opt.convention} convention)" if isinstance(opt, Adam) else ""),
+                     + (f" ({opt.convention} convention)" if hasattr(opt, "convention") else ""),
                      "array_module": self.xp.__name__}
         if rounding:
             self.info["rounding_variant"] = "+".join(rounding)
