@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Regenerate every committed compare result and the tables from a clean tree (the provenance of each raw record is its
 # commit): `bash results/regenerate.sh` from the repository root, with the venv of `make install`.  About 40 minutes on
-# 2 cores.  Old compare records are removed first (selftest / calibration records are kept: `harness calibrate`
-# regenerates those).  Exit code 1 of a compare (a row that fails) is a result and is kept; exit code 2 stops here.
+# 2 cores.  The old compare records are removed once the new ones are written (selftest / calibration records are
+# kept: `harness calibrate` regenerates those).  Exit code 1 of a compare (a row that fails) is a result and is kept; exit code 2 stops here.
 set -u
 H=${HARNESS:-.venv/bin/harness}
 if [ -n "$(git status --porcelain --untracked-files=no)" ]; then
   echo "the tree has uncommitted changes: commit first, so that every record names the code that produced it" >&2
   exit 2
 fi
+old=()  # the compare records this run replaces: removed at the end (a removed tracked file would make the tree dirty)
 for f in results/raw/*.json; do
-  grep -q '"kind": "selftest"' "$f" || rm -f "$f" "${f%.json}.npz"
+  grep -q '"kind": "selftest"' "$f" || old+=("$f")
 done
 run() {
   echo "== harness compare $*"
@@ -40,4 +41,5 @@ run --model examples/bn_audit.py --steps 10 --no-timing
 run --model pima_mlp --seed 38 --steps 12 --no-timing
 run --model mnist_bn_cnn --seed 38 --steps 12 --no-timing
 run --model mnist_mlp --dtype float64 --seed 3 --batch-sizes 1 --steps 12 --no-timing
+for f in "${old[@]}"; do rm -f "$f" "${f%.json}.npz"; done
 "$H" report
