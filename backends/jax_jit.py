@@ -184,22 +184,11 @@ LAYER_BUILDERS = {
 }
 
 
-def _by_layer(spec: ModelSpec, params, state):
-    """Per layer: ({role: trainable array}, {role: state array}), from the flat lists in canonical order."""
-    p, s = iter(params), iter(state)
-    out = []
-    for layer, shape in zip(spec.layers, spec.input_shapes()):
-        entries = layer.params(shape)
-        out.append(({e.role: next(p) for e in entries if e.trainable},
-                    {e.role: next(s) for e in entries if not e.trainable}))
-    return out
-
-
 def run(spec: ModelSpec, params, state, x, ctx: _Pass):
     """Network output (logits for the cross-entropies) and the state after the pass (moved in training mode), as a
     flat list in ``spec.state_names()`` order; canonical layout throughout."""
     new_state = []
-    for i, (layer, (lp, ls)) in enumerate(zip(spec.layers, _by_layer(spec, params, state))):
+    for i, (layer, (lp, ls)) in enumerate(zip(spec.layers, spec.by_layer(params, state))):
         x, ls = lookup(LAYER_BUILDERS, layer, BACKEND)(ctx, layer, lp, ls, x, i)
         new_state += list(ls.values())
     return x, new_state

@@ -312,13 +312,8 @@ LAYER_BUILDERS = {
 
 
 def _split(spec: ModelSpec, params, state):
-    """Per layer: (its trainable arrays, its state arrays), from the flat lists in canonical order."""
-    p, s = iter(params), iter(state or ())
-    out = []
-    for layer, shape in zip(spec.layers, spec.input_shapes()):
-        entries = layer.params(shape)
-        out.append(([next(p) for e in entries if e.trainable], [next(s) for e in entries if not e.trainable]))
-    return out
+    """Per layer: (its trainable arrays, its state arrays), in the layer's ``params()`` order."""
+    return [(list(p.values()), list(s.values())) for p, s in spec.by_layer(params, state or ())]
 
 
 def forward(xp, spec: ModelSpec, params, x, keep=False, mm=_mm, state=None, training=False, ctx=None):

@@ -227,22 +227,11 @@ LAYER_BUILDERS = {
 }
 
 
-def split(spec: ModelSpec, params, state):
-    """Per layer: (its trainable arrays by role, its state arrays by role), from the flat lists in canonical order."""
-    p, s = iter(params), iter(state)
-    out = []
-    for layer, shape in zip(spec.layers, spec.input_shapes()):
-        entries = layer.params(shape)
-        out.append(({e.role: next(p) for e in entries if e.trainable},
-                    {e.role: next(s) for e in entries if not e.trainable}))
-    return out
-
-
 def forward(spec: ModelSpec, params, x, ctx: Ctx, state=(), table=None, backend: str = BACKEND):
     """Network output (logits for the cross-entropies); ``params`` / ``state`` in canonical order and layout.  In
     training mode the moved state is left in ``ctx.new_state``; :func:`new_state` lists it in canonical order."""
     table = LAYER_BUILDERS if table is None else table
-    for i, (layer, (lp, ls)) in enumerate(zip(spec.layers, split(spec, params, state))):
+    for i, (layer, (lp, ls)) in enumerate(zip(spec.layers, spec.by_layer(params, state))):
         x = lookup(table, layer, backend)(ctx, i, layer, lp, ls, x)
     return x
 

@@ -380,6 +380,13 @@ class ModelSpec:
         """The non-trainable state (BatchNorm's moving statistics): what ``get_state`` returns, in this order."""
         return [e for e in self.entries() if not e[2].trainable]
 
+    def by_layer(self, params, state) -> list[tuple[dict, dict]]:
+        """Per layer: ({role: trainable array}, {role: state array}) from the flat lists in canonical order (the
+        weights' and the state's), each dict in the layer's ``params()`` order; empty dicts for a layer without any."""
+        p, s = iter(params), iter(state)
+        return [({e.role: next(p) for e in entries if e.trainable}, {e.role: next(s) for e in entries if not e.trainable})
+                for entries in (layer.params(shape) for layer, shape in zip(self.layers, self.input_shapes()))]
+
     def param_layers(self) -> list[tuple[int, Layer, tuple[int, ...]]]:
         """(layer index, layer, input shape) for each layer with trainable parameters."""
         return [(i, layer, s) for i, (layer, s) in enumerate(zip(self.layers, self.input_shapes()))

@@ -2,7 +2,8 @@
 # Regenerate every committed compare result and the tables from a clean tree (the provenance of each raw record is its
 # commit): `bash results/regenerate.sh` from the repository root, with the venv of `make install`.  About 40 minutes on
 # 2 cores.  The old compare records are removed once the new ones are written (selftest / calibration records are
-# kept: `harness calibrate` regenerates those).  Exit code 1 of a compare (a row that fails) is a result and is kept; exit code 2 stops here.
+# kept: `harness calibrate` regenerates those).  Exit code 1 of a compare (a row that fails) is a result and is kept;
+# exit code 2 stops here.
 set -u
 H=${HARNESS:-.venv/bin/harness}
 if [ -n "$(git status --porcelain --untracked-files=no)" ]; then

@@ -15,7 +15,10 @@ from models.spec import ModelSpec
 
 
 def scaled_error(a, b, floor: float = 1e-300) -> float:
+    """``max|a - b| / max(max|a|, max|b|, floor)``; inf where the shapes differ."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        return float("inf")
     scale = max(np.max(np.abs(a)), np.max(np.abs(b)), floor)
     return float(np.max(np.abs(a - b)) / scale)
 

@@ -157,21 +157,6 @@ def _tiny_data(spec: ModelSpec, steps: int, batch: int, seed: int = 0):
     return xs, ys
 
 
-@pytest.fixture
-def keras_tf():
-    """Keras on TensorFlow in this process; restores the global float type that a float64 Model sets."""
-    pytest.importorskip("tensorflow")
-    if "keras" not in sys.modules and os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
-        pytest.skip("KERAS_BACKEND is not tensorflow in this process")
-    keras = pytest.importorskip("keras")
-    if keras.backend.backend() != "tensorflow":
-        pytest.skip(f"Keras runs on {keras.backend.backend()} in this process")
-    floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
-    yield keras
-    keras.config.set_floatx(floatx)
-    keras.config.set_dtype_policy(policy)
-
-
 def _module(name: str, request):
     if name == "keras":
         request.getfixturevalue("keras_tf")

@@ -50,6 +50,7 @@ from models.spec import (
     f32,
     init_state,
 )
+from tests.lockstep import scaled_error  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,10 +63,6 @@ def _jax():
     return jb
 
 
-def scaled_error(a, b, floor: float = 1e-300) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    scale = max(np.max(np.abs(a)), np.max(np.abs(b)), floor)
-    return float(np.max(np.abs(a - b)) / scale)
 
 
 def _spec(name, input_shape, layers, loss, optimizer, batch_sizes=(1, 4)) -> ModelSpec:

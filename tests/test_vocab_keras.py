@@ -44,17 +44,12 @@ from models.spec import (
     f32,
     init_weights,
 )
+from tests.lockstep import scaled_error  # noqa: E402
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = {"float64": 1e-12, "float32": 2e-4}
 
 
-def scaled_error(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.shape != b.shape:
-        return float("inf")
-    scale = max(float(np.max(np.abs(a))), float(np.max(np.abs(b))), 1e-300)
-    return float(np.max(np.abs(a - b)) / scale)
 
 
 def _spec(name, input_shape, layers, loss, optimizer, batch_sizes=(1, 4)) -> ModelSpec:
@@ -227,20 +222,6 @@ def _check_native_dropout(out: dict, rate: float = 0.25) -> None:
 
 
 # ----------------------------------------------------------------------------------------- Keras on TensorFlow, here
-@pytest.fixture
-def keras_tf():
-    pytest.importorskip("tensorflow")
-    if "keras" not in sys.modules and os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
-        pytest.skip("KERAS_BACKEND is not tensorflow in this process")
-    keras = pytest.importorskip("keras")
-    if keras.backend.backend() != "tensorflow":
-        pytest.skip(f"Keras runs on {keras.backend.backend()} in this process")
-    floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
-    yield keras
-    keras.config.set_floatx(floatx)
-    keras.config.set_dtype_policy(policy)
-
-
 @pytest.mark.parametrize("spec_name,batch", [("conv_bn_dropout", 1), ("conv_bn_dropout", 4),
                                              ("dense_bn_unbiased", 4)])
 def test_aligned_matches_oracle_tensorflow(keras_tf, spec_name, batch):

@@ -44,6 +44,7 @@ from models.spec import (  # noqa: E402
     f32,
     init_weights,
 )
+from tests.lockstep import scaled_error  # noqa: E402
 
 BACKENDS = {"tf1": "backends.tf1_graph", "tf2": "backends.tf2_tape"}
 
@@ -68,10 +69,6 @@ DENSE = _spec("dense_bn", (5,), [Dense(4, use_bias=False), BatchNorm(momentum=f3
 SPECS = {"conv": CONV, "dense": DENSE}
 
 
-def scaled_error(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    scale = max(np.max(np.abs(a)), np.max(np.abs(b)), 1e-300)
-    return float(np.max(np.abs(a - b)) / scale)
 
 
 def _data(spec, steps, batch, seed=0):

@@ -42,15 +42,12 @@ from models.spec import (  # noqa: E402
     f32,
     init_state,
 )
+from tests.lockstep import scaled_error  # noqa: E402
 
 TOL = 1e-12
 SEED = 5  # the run's seed: the dropout masks
 
 
-def scaled_error(a, b, floor: float = 1e-300) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    scale = max(np.max(np.abs(a)), np.max(np.abs(b)), floor)
-    return float(np.max(np.abs(a - b)) / scale)
 
 
 def _spec(name, input_shape, layers, loss, optimizer, batch_sizes=(1, 4)) -> ModelSpec:
