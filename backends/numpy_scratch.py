@@ -477,6 +477,8 @@ class Model(ModelBase):
                      "array_module": self.xp.__name__}
         if rounding:
             self.info["rounding_variant"] = "+".join(rounding)
+        if spec.random_layers:  # no RNG of its own: the harness's masks in both modes (a native row stays comparable)
+            self.info["dropout_masks"] = "harness"
 
     def _in(self, x, y):
         xp = self.xp

@@ -337,6 +337,58 @@ def local_gradient_checks(spec, dtype: str, row: dict, batches: dict[int, tuple]
     return checks
 
 
+def first_update_checks(spec, ref: Reference, row: dict, init: list[np.ndarray]) -> list[Check]:
+    """The weights after step 1 judged as the spec's first update of a gradient that the step-0 check allows.
+
+    The step-0 gradient check lets each element of a correct run's gradient sit within its bound of the oracle's:
+    ``delta = bound * eps * max(|g|, floor)``.  Where that interval straddles zero, Adam's first update (after bias
+    correction ``lr * g / (|g| + eps')``: a sign, for any ``|g|`` well above its epsilon) may go either way, and a
+    correct run lands up to two learning rates from the oracle: MNIST's BatchNorm CNN in float32, seed 38, batch 100,
+    where the float32 gradients of the first conv kernel are off by up to 5e-3 in every implementation (the BatchNorm
+    backward cancels), and torch's element (1, 2, 0, 6) had the other sign (oracle -1.5e-4, torch +2.9e-4) while the
+    oracle's float32 variants, whose error there is the same in all of them, did not flip one.  So each element of the
+    step-1 weights may also move as far as the spec's first update of any gradient inside that interval moves it (the
+    update is monotonic in each element: the interval's ends bound it), and only the excess is measured against the
+    step's bound.  A planted bug in the update itself (epsilon, learning rate, weight decay, a frozen tensor) still
+    fails wherever the gradient is clear of zero; ``runner.judge`` calls this only for step-1 weights that fail."""
+    import backends.numpy_scratch as numpy_oracle
+    from backends.base import BuildOptions
+
+    names = spec.param_names()
+    weights = _indexed(row, "weights").get(1)
+    grads = [ref.obs.get(("grads", 0, n)) for n in names]
+    if weights is None or len(weights) != len(names) or any(g is None for g in grads):
+        return []
+    eps = float(np.finfo(ref.dtype).eps)
+    delta = []
+    for name, g in zip(names, grads):
+        key = ("grads", 0, name)
+        delta.append(ref.bound(key)[0] * eps * np.maximum(np.abs(g), ref.floors[key]))
+
+    def first_update(gs):
+        m = numpy_oracle.Model(spec, [np.asarray(w, np.float64) for w in init], BuildOptions(dtype="float64"))
+        m._apply([np.asarray(g, np.float64) for g in gs])
+        return m.get_weights()
+
+    mid = first_update(grads)
+    lo = first_update([g - d for g, d in zip(grads, delta)])
+    hi = first_update([g + d for g, d in zip(grads, delta)])
+    checks = []
+    for j, name in enumerate(names):
+        key = ("weights", 1, name)
+        if key not in ref.obs:
+            continue
+        target = ref.obs[key]
+        allowed = np.maximum(np.abs(lo[j] - mid[j]), np.abs(hi[j] - mid[j]))
+        diff = np.asarray(weights[j], np.float64) - target
+        excess = np.sign(diff) * np.maximum(np.abs(diff) - allowed, 0.0)
+        bound, env = ref.bound(key)
+        err, mabs = scaled_error(weights[j], target, float(spec.optimizer.lr))
+        checks.append(Check("weights", 1, name, err, mabs, units(target + excess, target, ref.dtype, ref.floors[key]),
+                            bound, env, "as the first update of a gradient within its step-0 bound"))
+    return checks
+
+
 def invariance_checks(spec, ref: Reference, row: dict) -> list[Check]:
     """The row's own batch-size invariance gaps, bounded by the gaps of the oracle and its variants."""
     checks = []

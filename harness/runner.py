@@ -433,6 +433,18 @@ def _batches(job: Job, row: Row, spec: ModelSpec, steps: set[int]) -> dict[int, 
                 else y[order[s]].astype(np.float64)) for s in steps if s < len(order)}
 
 
+def own_dropout_rng(spec: ModelSpec, row: Row) -> bool:
+    """A native row of a model with dropout whose backend drew the masks with its framework's RNG (the NumPy backend
+    has none: it applies the harness's masks in both modes and says so with ``info["dropout_masks"] == "harness"``)."""
+    info = (row.get("meta") or {}).get("info") or {}
+    return row["mode"] == "native" and bool(spec.random_layers) and info.get("dropout_masks") != "harness"
+
+
+def without_masks(checks: list) -> list:
+    """What a run with other dropout masks can still be compared on: inference at the initial weights."""
+    return [c for c in checks if c.quantity == "invariance/pred" or (c.quantity == "pred" and c.step == 0)]
+
+
 def judge(spec: ModelSpec, row: Row, oracle: Oracle, job: Job | None = None) -> Row:
     """The judged row of a finished run: pass / fail / diverged with its checks (native: matches spec / differs); with
     ``job`` (its data and batch orders) a gradient after step 0 that leaves the trajectory's envelope is judged again
@@ -460,9 +472,18 @@ def judge(spec: ModelSpec, row: Row, oracle: Oracle, job: Job | None = None) -> 
         steps = {c.step for c in local}
         checks = [c for c in checks if not (c.quantity == "grads" and c.step in steps)] + local
         checks.sort(key=lambda c: c.step)
-    untracked = row["mode"] == "native" and bool(spec.random_layers)
-    if untracked:  # the framework drew its own dropout masks: only what runs without them is comparable
-        checks = [c for c in checks if c.quantity == "invariance/pred" or (c.quantity == "pred" and c.step == 0)]
+    # a step-1 weight beyond its bound is judged again as the first update of a gradient inside the step-0 gradient's
+    # bound (agreement.first_update_checks): Adam's first step turns the sign of a near-zero gradient into a whole lr
+    moved = {c.tensor for c in checks if c.quantity == "weights" and c.step == 1 and c.ok is False}
+    if job is not None and moved:
+        init = [job.data[f"seed{row.get('seed')}/w/{j}"] for j in range(len(spec.param_names()))]
+        redo = [c for c in agreement.first_update_checks(spec, ref, arrays, init) if c.tensor in moved]
+        done = {c.tensor for c in redo}
+        checks = [c for c in checks if not (c.quantity == "weights" and c.step == 1 and c.tensor in done)] + redo
+        checks.sort(key=lambda c: c.step)
+    untracked = own_dropout_rng(spec, row)
+    if untracked:
+        checks = without_masks(checks)
     summary = agreement.summarize(checks)
     summary["variants"] = ref.variants
     status = summary["status"]
@@ -538,7 +559,10 @@ def pairwise(spec: ModelSpec, rows: list[Row], oracle: Oracle) -> list[dict]:
             ref = oracle.reference(a)
             if (a["batch_size"], a["device"]) != (b["batch_size"], b["device"]) or ref is None:
                 continue
-            s = agreement.summarize(agreement.compare_runs(spec, ref, a["arrays"], b["arrays"]))
+            checks = agreement.compare_runs(spec, ref, a["arrays"], b["arrays"])
+            if own_dropout_rng(spec, a) or own_dropout_rng(spec, b):  # other masks: inference at the start only
+                checks = without_masks(checks)
+            s = agreement.summarize(checks)
             out.append({"a": a["backend"], "b": b["backend"], "batch_size": a["batch_size"], "device": a["device"],
                         "status": s["status"], "worst": max(s["worst"].values(), default=0.0),
                         "first_failure": s["first_failure"]})

@@ -143,10 +143,10 @@ def invariance_exemption(spec) -> str | None:
     """Why per-sample gradients cannot add up to the batch's in training mode, or None where they must."""
     why = []
     if spec.couples_batch:
-        why.append(f"{', '.join(type(spec.layers[i]).__name__ + str(i) for i in spec.couples_batch)} normalises each "
-                   f"sample with its batch's statistics")
+        why.append(f"{', '.join(type(spec.layers[i]).__name__ + str(i) for i in spec.couples_batch)}: each sample is "
+                   f"normalised with its batch's statistics")
     if spec.random_layers:
-        why.append(f"{', '.join(type(spec.layers[i]).__name__ + str(i) for i in spec.random_layers)} draws its masks "
+        why.append(f"{', '.join(type(spec.layers[i]).__name__ + str(i) for i in spec.random_layers)}: masks are drawn "
                    f"per batch")
     return ("gradient batch-size invariance not checked: " + "; ".join(why)) if why else None
 

@@ -228,3 +228,41 @@ def test_gradients_after_step_0_are_checked_at_the_runs_own_weights():
     row["grads/1/0"] = row["grads/1/0"] * (1 + 1e-3)
     bad = [c for c in agreement.local_gradient_checks(spec, "float32", row, {1: (x, y)}, variants) if not c.ok]
     assert [(c.quantity, c.tensor) for c in bad] == [("grads", "dense0/kernel")]
+
+
+def test_step1_weights_of_a_flipped_near_zero_gradient_pass_as_a_first_update_and_a_wrong_update_fails():
+    """Adam's first step turns a gradient element's sign into a whole learning rate: where the step-0 gradient bound
+    straddles zero, a correct run may land ~2 lr away (mnist_bn_cnn float32 seed 38, torch); only that is forgiven."""
+    import dataclasses
+
+    import backends.numpy_scratch as numpy_oracle
+    from backends.base import BuildOptions
+    from harness.agreement import Reference, first_update_checks, units
+    from models import init_weights
+
+    spec = MODELS["pima_mlp"]
+    init = init_weights(spec, 0)
+    rng = np.random.default_rng(0)
+    g64 = [rng.normal(0, 1, s) for s in spec.param_shapes()]
+    g64[0][0, 0] = 5e-7  # near zero, but above Adam's epsilon (1e-7): its first update is most of a learning rate
+
+    def first_update(grads, sp=spec):
+        m = numpy_oracle.Model(sp, init, BuildOptions(dtype="float64"))
+        m._apply(grads)
+        return m.get_weights()
+
+    w64 = first_update(g64)
+    names = spec.param_names()
+    obs = {("grads", 0, n): g for n, g in zip(names, g64)} | {("weights", 1, n): w for n, w in zip(names, w64)}
+    floors = {k: 1e-3 * 3.0 if k[0] == "grads" else spec.optimizer.lr for k in obs}
+    ref = Reference("float32", obs, {k: 200.0 for k in obs}, floors)  # gradient bound 16*200+8 units: delta 1.1e-6
+    flipped = [g.copy() for g in g64]
+    flipped[0][0, 0] = -5e-7  # 1e-6 from the oracle's: inside the step-0 gradient bound
+    row = {f"weights/1/{j}": w for j, w in enumerate(first_update(flipped))}
+    bound = ref.bound(("weights", 1, names[0]))[0]
+    assert units(row["weights/1/0"], w64[0], "float32", floors[("weights", 1, names[0])]) > 50 * bound  # trajectory
+    checks = first_update_checks(spec, ref, row, init)
+    assert len(checks) == len(names) and all(c.ok for c in checks), [c.ratio for c in checks]
+    faster = dataclasses.replace(spec, optimizer=dataclasses.replace(spec.optimizer, lr=spec.optimizer.lr * 2))
+    bug = {f"weights/1/{j}": w for j, w in enumerate(first_update(g64, faster))}
+    assert not all(c.ok for c in first_update_checks(spec, ref, bug, init))  # a wrong learning rate still fails

@@ -191,7 +191,7 @@ def test_a_users_model_file_runs_through_compare_and_report(results_dir, capsys)
     assert run_cli("compare", "--model", example, "--backends", "numpy", "--steps", "12", "--no-timing",
                    "--results-dir", results_dir) == 0
     out = capsys.readouterr().out
-    assert "state err" in out and "not checked: BatchNorm1 normalises each sample with its batch" in out
+    assert "state err" in out and "not checked: BatchNorm1: each sample is normalised with its batch" in out
     (json_path,) = (results_dir / "raw").glob("*.json")
     rec = json.loads(json_path.read_text())
     assert rec["model"] == "my_pima_bn" and rec["spec"]["state_names"] == ["bn1/moving_mean", "bn1/moving_variance"]
