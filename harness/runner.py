@@ -433,6 +433,24 @@ def _batches(job: Job, row: Row, spec: ModelSpec, steps: set[int]) -> dict[int, 
                 else y[order[s]].astype(np.float64)) for s in steps if s < len(order)}
 
 
+def _first_update_rejudged(spec: ModelSpec, ref: agreement.Reference, job: Job, row: Row, checks: list,
+                           runs: list[dict]) -> list:
+    """``checks`` with each failing step-1 weight check judged again as the first update of a gradient inside the
+    step-0 gradient's bound (``agreement.first_update_checks``), for every run of ``runs`` (one row, or the two rows of
+    a pair: the worse of the two then stands for the pair, each being allowed its own first update)."""
+    moved = {c.tensor for c in checks if c.quantity == "weights" and c.step == 1 and c.ok is False}
+    if not moved:
+        return checks
+    init = [job.data[f"seed{row.get('seed')}/w/{j}"] for j in range(len(spec.param_names()))]
+    redo: dict[str, agreement.Check] = {}
+    for arrays in runs:
+        for c in agreement.first_update_checks(spec, ref, arrays, init):
+            if c.tensor in moved and (c.tensor not in redo or c.ratio > redo[c.tensor].ratio):
+                redo[c.tensor] = c
+    kept = [c for c in checks if not (c.quantity == "weights" and c.step == 1 and c.tensor in redo)]
+    return sorted(kept + list(redo.values()), key=lambda c: c.step)
+
+
 def own_dropout_rng(spec: ModelSpec, row: Row) -> bool:
     """A native row of a model with dropout whose backend drew the masks with its framework's RNG (the NumPy backend
     has none: it applies the harness's masks in both modes and says so with ``info["dropout_masks"] == "harness"``)."""
@@ -474,13 +492,8 @@ def judge(spec: ModelSpec, row: Row, oracle: Oracle, job: Job | None = None) -> 
         checks.sort(key=lambda c: c.step)
     # a step-1 weight beyond its bound is judged again as the first update of a gradient inside the step-0 gradient's
     # bound (agreement.first_update_checks): Adam's first step turns the sign of a near-zero gradient into a whole lr
-    moved = {c.tensor for c in checks if c.quantity == "weights" and c.step == 1 and c.ok is False}
-    if job is not None and moved:
-        init = [job.data[f"seed{row.get('seed')}/w/{j}"] for j in range(len(spec.param_names()))]
-        redo = [c for c in agreement.first_update_checks(spec, ref, arrays, init) if c.tensor in moved]
-        done = {c.tensor for c in redo}
-        checks = [c for c in checks if not (c.quantity == "weights" and c.step == 1 and c.tensor in done)] + redo
-        checks.sort(key=lambda c: c.step)
+    if job is not None:
+        checks = _first_update_rejudged(spec, ref, job, row, checks, [arrays])
     untracked = own_dropout_rng(spec, row)
     if untracked:
         checks = without_masks(checks)
@@ -543,12 +556,12 @@ def compare(cfg: CompareConfig, progress: Callable[[str], None] = lambda s: None
             result["interrupted"] = True
         except KeyboardInterrupt:
             result["interrupted"] = True
-    result["pairs"] = pairwise(spec, result["rows"], oracle)
+    result["pairs"] = pairwise(spec, result["rows"], oracle, job)
     result["finished"] = time.time()
     return result
 
 
-def pairwise(spec: ModelSpec, rows: list[Row], oracle: Oracle) -> list[dict]:
+def pairwise(spec: ModelSpec, rows: list[Row], oracle: Oracle, job: Job | None = None) -> list[dict]:
     """Every pair of finished rows at the same batch size and device: worst scaled error over everything compared,
     and whether the two agree within twice the rounding bound (each may sit anywhere in its own)."""
     done = [r for r in rows if "arrays" in r and r["status"] in (Status.PASS, Status.FAIL, Status.MATCHES,
@@ -562,6 +575,8 @@ def pairwise(spec: ModelSpec, rows: list[Row], oracle: Oracle) -> list[dict]:
             checks = agreement.compare_runs(spec, ref, a["arrays"], b["arrays"])
             if own_dropout_rng(spec, a) or own_dropout_rng(spec, b):  # other masks: inference at the start only
                 checks = without_masks(checks)
+            elif job is not None:
+                checks = _first_update_rejudged(spec, ref, job, a, checks, [a["arrays"], b["arrays"]])
             s = agreement.summarize(checks)
             out.append({"a": a["backend"], "b": b["backend"], "batch_size": a["batch_size"], "device": a["device"],
                         "status": s["status"], "worst": max(s["worst"].values(), default=0.0),
