@@ -23,27 +23,20 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import backends.numpy_scratch as ref
 from backends.base import BuildOptions, Unsupported
-from harness.runner import PROJECT_ROOT, CompareConfig, batch_order, compare, load_data
+from harness.runner import CompareConfig, batch_order, compare, load_data
 from harness.status import Status
 from models import get_model, init_weights
 from models.spec import SGD, Adam, Conv2D, Dense, Flatten, Init, Loss, MaxPool2D, ModelSpec, f32
+from tests.keras_subprocess import in_keras_backend
 from tests.lockstep import optimizer_vs_oracle, with_convention
 
 ALL = ["tf1", "tf2", "keras", "keras-jax", "keras-torch"]
-
-
-def _installed(*modules: str) -> bool:
-    return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
 def scaled_error(a, b, floor: float = 1e-300) -> float:
@@ -297,17 +290,7 @@ def test_keras_fit_equals_train_on_batch_tensorflow(keras_tf):
 
 @pytest.mark.parametrize("backend,dtype", [("jax", "float64"), ("torch", "float32")])
 def test_keras_fit_equals_train_on_batch_other_backends(backend, dtype):
-    if not _installed("keras", backend):
-        pytest.skip(f"keras and {backend} needed")
-    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(PROJECT_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    if dtype == "float64":
-        env["JAX_ENABLE_X64"] = "1"
-    code = ("import json, sys; sys.path.insert(0, 'tests'); import test_backend_tf as t; "
-            f"print('RESULT ' + json.dumps(t.fit_vs_train_on_batch({dtype!r})))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    out = json.loads(lines[-1][len("RESULT "):])
+    out = in_keras_backend(backend, "test_backend_tf", f"t.fit_vs_train_on_batch({dtype!r})", x64=dtype == "float64",
+                           timeout=300)
     assert out["backend"] == backend
     _check_fit(out, dtype)

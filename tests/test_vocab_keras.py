@@ -15,11 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import json
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +40,7 @@ from models.spec import (
     f32,
     init_weights,
 )
+from tests.keras_subprocess import in_keras_backend  # noqa: E402
 from tests.lockstep import scaled_error  # noqa: E402
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -268,18 +265,7 @@ def test_native_dropout_tensorflow(keras_tf):
 
 # ------------------------------------------------------------------------------- JAX and torch, in a subprocess each
 def _in_keras_backend(backend: str, call: str, x64: bool) -> list[dict]:
-    if not all(importlib.util.find_spec(m) is not None for m in ("keras", backend)):
-        pytest.skip(f"keras and {backend} needed")
-    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": PROJECT_ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    if x64:
-        env["JAX_ENABLE_X64"] = "1"
-    code = ("import json, sys; sys.path.insert(0, 'tests'); import test_vocab_keras as t; "
-            f"print('RESULT ' + json.dumps([{call}], default=str))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    out = json.loads(lines[-1][len("RESULT "):])
+    out = in_keras_backend(backend, "test_vocab_keras", f"[{call}]", x64=x64)
     assert all(o["backend"] == backend for o in out)
     return out
 
