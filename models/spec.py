@@ -29,11 +29,18 @@ from typing import Any, Union
 
 import numpy as np
 
-ACTIVATIONS = ("linear", "sigmoid", "relu")
-LOSSES = ("sse", "binary_crossentropy", "softmax_crossentropy")
+# Activations a Dense / Conv2D may apply; an Activation layer may also apply the parametrised ones ("leaky_relu" with its
+# ``negative_slope``, "gelu" with its ``approximate``).  "softmax" is over the last axis.
+LAYER_ACTIVATIONS = ("linear", "sigmoid", "relu", "tanh", "softmax")
+ACTIVATIONS = LAYER_ACTIVATIONS + ("leaky_relu", "gelu")
+GELU_FORMS = ("none", "tanh")  # gelu exact (x * Phi(x), with erf) or its tanh approximation
+PADDINGS = ("valid", "same")
+LOSSES = ("sse", "mse", "binary_crossentropy", "softmax_crossentropy", "sparse_categorical_crossentropy")
 REDUCTIONS = ("sum", "mean")
 ADAM_CONVENTIONS = ("eps_hat", "eps_v_hat")
 INITIALIZERS = ("glorot_uniform", "normal", "uniform", "zeros")
+CLIP_SCOPES = ("global", "per_tensor")
+MOMENTUM_FORMS = ("accumulator", "velocity")
 DTYPES = ("float32", "float64")
 
 
@@ -45,6 +52,38 @@ def f32(x: float) -> float:
 def _check_choice(what: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ValueError(f"{what} {value!r} is not supported; expected one of {', '.join(valid)}")
+
+
+def _check_f32(owner: str, obj, names: tuple[str, ...]) -> None:
+    """Hyperparameters every backend must apply bit-identically in a float32 run are exactly representable there."""
+    for name in names:
+        v = getattr(obj, name)
+        if f32(v) != v:
+            raise ValueError(f"{owner} {name}={v!r} is not exactly representable in float32; use "
+                             f"models.spec.f32({v!r})")
+
+
+def _pair(v, what: str) -> tuple[int, int]:
+    t = (int(v), int(v)) if isinstance(v, (int, np.integer)) else tuple(int(k) for k in v)
+    if len(t) != 2 or min(t) < 1:
+        raise ValueError(f"{what} must be a positive int or a pair of them, got {v!r}")
+    return t
+
+
+def same_padding(size: int, window: int, stride: int) -> tuple[int, int]:
+    """TF's / Keras' ``padding="same"`` along one axis: output ``ceil(size / stride)``, and the padding that needs split
+    as ``(total // 2, total - total // 2)``: the odd one goes to the bottom / right (torch's ``padding=k//2`` pads
+    both sides equally, and ``padding="same"`` is refused at stride > 1)."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + window - size, 0)
+    return total // 2, total - total // 2
+
+
+def window_output(size: int, window: int, stride: int, padding: str) -> int:
+    """Output length of a convolution / pooling window along one axis ("valid": windows inside the input only)."""
+    if padding == "same":
+        return -(-size // stride)
+    return (size - window) // stride + 1
 
 
 # ----------------------------------------------------------------------------------------------------------- layers
@@ -111,7 +150,7 @@ class Dense(Layer):
     prefix = "dense"
 
     def __post_init__(self) -> None:
-        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("Dense activation", self.activation, LAYER_ACTIVATIONS)
 
     def output_shape(self, in_shape):
         if len(in_shape) != 1:
@@ -125,22 +164,35 @@ class Dense(Layer):
 
 @dataclass(frozen=True)
 class Conv2D(Layer):
+    """2-D cross-correlation (what every framework calls convolution), NHWC, kernel HWIO.
+
+    ``padding="same"`` is TF's (:func:`same_padding`: output ``ceil(in / stride)``, an odd total padding puts the extra
+    row / column at the bottom / right), zeros; ``"valid"`` pads nothing."""
+
     filters: int  # output channels
     kernel_size: tuple[int, int] = (3, 3)
     activation: str = "linear"
-    padding: str = "valid"  # only "valid", stride 1
+    padding: str = "valid"
     use_bias: bool = True
+    strides: tuple[int, int] = (1, 1)
     prefix = "conv"
 
     def __post_init__(self) -> None:
-        _check_choice("activation", self.activation, ACTIVATIONS)
-        _check_choice("padding", self.padding, ("valid",))
-        object.__setattr__(self, "kernel_size", tuple(int(k) for k in self.kernel_size))
+        _check_choice("Conv2D activation", self.activation, LAYER_ACTIVATIONS)
+        _check_choice("Conv2D padding", self.padding, PADDINGS)
+        object.__setattr__(self, "kernel_size", _pair(self.kernel_size, "Conv2D kernel_size"))
+        object.__setattr__(self, "strides", _pair(self.strides, "Conv2D strides"))
+
+    def pads(self, in_shape) -> tuple[tuple[int, int], tuple[int, int]]:
+        """((top, bottom), (left, right)) zero padding for an (h, w, c) input."""
+        if self.padding == "valid":
+            return (0, 0), (0, 0)
+        return tuple(same_padding(n, k, s) for n, k, s in zip(in_shape[:2], self.kernel_size, self.strides))
 
     def output_shape(self, in_shape):
         _needs_image(self, in_shape)
-        kh, kw = self.kernel_size
-        return (in_shape[0] - kh + 1, in_shape[1] - kw + 1, self.filters)
+        h, w = (window_output(n, k, s, self.padding) for n, k, s in zip(in_shape[:2], self.kernel_size, self.strides))
+        return (h, w, self.filters)
 
     def params(self, in_shape):
         kernel = ParamSpec.of("kernel", (*self.kernel_size, in_shape[2], self.filters))  # HWIO
@@ -149,13 +201,58 @@ class Conv2D(Layer):
 
 @dataclass(frozen=True)
 class MaxPool2D(Layer):
-    pool_size: int = 2  # square window, stride == pool_size, 'valid' (trailing rows/cols dropped)
+    """Max over square windows, 'valid' (trailing rows / columns that fill no window dropped); the gradient goes to the
+    first maximum of each window (row-major)."""
+
+    pool_size: int = 2  # square window
+    strides: int | None = None  # None: pool_size (non-overlapping windows)
     prefix = "pool"
+
+    def __post_init__(self) -> None:
+        if int(self.pool_size) < 1 or (self.strides is not None and int(self.strides) < 1):
+            raise ValueError(f"MaxPool2D needs pool_size >= 1 and strides >= 1, got {self.pool_size!r}, "
+                             f"{self.strides!r}")
+
+    @property
+    def stride(self) -> int:
+        return int(self.pool_size if self.strides is None else self.strides)
 
     def output_shape(self, in_shape):
         _needs_image(self, in_shape)
-        p = self.pool_size
-        return (in_shape[0] // p, in_shape[1] // p, in_shape[2])
+        p, s = self.pool_size, self.stride
+        return (window_output(in_shape[0], p, s, "valid"), window_output(in_shape[1], p, s, "valid"), in_shape[2])
+
+
+@dataclass(frozen=True)
+class AveragePooling2D(Layer):
+    """Mean over square windows.  ``padding="same"`` pads as :func:`same_padding` and averages over the window's
+    values *inside* the image only (TF / Keras; torch's ``count_include_pad=True`` default and flax's
+    ``count_include_pad=True`` divide by the full window, padded zeros included)."""
+
+    pool_size: int = 2
+    strides: int | None = None  # None: pool_size
+    padding: str = "valid"
+    prefix = "avgpool"
+
+    def __post_init__(self) -> None:
+        _check_choice("AveragePooling2D padding", self.padding, PADDINGS)
+        if int(self.pool_size) < 1 or (self.strides is not None and int(self.strides) < 1):
+            raise ValueError(f"AveragePooling2D needs pool_size >= 1 and strides >= 1, got {self.pool_size!r}, "
+                             f"{self.strides!r}")
+
+    @property
+    def stride(self) -> int:
+        return int(self.pool_size if self.strides is None else self.strides)
+
+    def pads(self, in_shape) -> tuple[tuple[int, int], tuple[int, int]]:
+        if self.padding == "valid":
+            return (0, 0), (0, 0)
+        return tuple(same_padding(n, self.pool_size, self.stride) for n in in_shape[:2])
+
+    def output_shape(self, in_shape):
+        _needs_image(self, in_shape)
+        h, w = (window_output(n, self.pool_size, self.stride, self.padding) for n in in_shape[:2])
+        return (h, w, in_shape[2])
 
 
 @dataclass(frozen=True)
@@ -170,13 +267,25 @@ class Flatten(Layer):
 
 @dataclass(frozen=True)
 class Activation(Layer):
-    """An activation on its own (after a BatchNorm, say)."""
+    """An activation on its own (after a BatchNorm, say), including the parametrised ones:
+
+    * ``leaky_relu``: ``x`` where ``x > 0``, else ``negative_slope * x`` (defaults differ: keras.layers.LeakyReLU 0.3,
+      keras.activations / tf.nn 0.2, torch and jax.nn 0.01; the spec's default is 0.2);
+    * ``gelu``: ``approximate="none"`` is ``x * Phi(x) = 0.5 * x * (1 + erf(x / sqrt(2)))``, ``"tanh"`` is
+      ``0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x**3)))`` (torch / keras.activations default to the exact
+      form, jax.nn.gelu / keras.ops.gelu to the approximation);
+    * ``softmax`` over the last axis, ``tanh``, and the plain ones.
+    """
 
     activation: str
+    negative_slope: float = f32(0.2)  # leaky_relu only
+    approximate: str = "none"  # gelu only: "none" (erf) or "tanh"
     prefix = "act"
 
     def __post_init__(self) -> None:
         _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("gelu approximate", self.approximate, GELU_FORMS)
+        _check_f32("Activation", self, ("negative_slope",))
 
     def output_shape(self, in_shape):
         return tuple(in_shape)
@@ -202,11 +311,7 @@ class BatchNorm(Layer):
     couples_batch = True
 
     def __post_init__(self) -> None:
-        for name in ("momentum", "epsilon"):
-            v = getattr(self, name)
-            if f32(v) != v:
-                raise ValueError(f"BatchNorm {name}={v!r} is not exactly representable in float32; use "
-                                 f"models.spec.f32({v!r})")
+        _check_f32("BatchNorm", self, ("momentum", "epsilon"))
         if not 0.0 <= self.momentum < 1.0 or not self.epsilon > 0.0:
             raise ValueError(f"BatchNorm needs 0 <= momentum < 1 and epsilon > 0, got momentum={self.momentum!r}, "
                              f"epsilon={self.epsilon!r}")
@@ -217,6 +322,30 @@ class BatchNorm(Layer):
     def params(self, in_shape):
         c = (in_shape[-1],)
         return tuple(ParamSpec.of(role, c) for role in ("gamma", "beta", "moving_mean", "moving_variance"))
+
+
+@dataclass(frozen=True)
+class LayerNorm(Layer):
+    """Layer normalization over the last axis (the features of a flat input, the channels of each NHWC pixel):
+    ``y = gamma * (x - mean) / sqrt(var + epsilon) + beta`` with the sample's own mean and biased variance, in training
+    and inference alike (no state, no coupling between samples).  Epsilon defaults differ: Keras 1e-3, torch 1e-5,
+    flax 1e-6; the spec's default is Keras'.  (torch's ``nn.LayerNorm([C, H, W])`` normalises over more axes: say
+    ``nn.LayerNorm(C)`` on channels-last data for this layer.)"""
+
+    epsilon: float = f32(1e-3)
+    prefix = "ln"
+
+    def __post_init__(self) -> None:
+        _check_f32("LayerNorm", self, ("epsilon",))
+        if not self.epsilon > 0.0:
+            raise ValueError(f"LayerNorm needs epsilon > 0, got {self.epsilon!r}")
+
+    def output_shape(self, in_shape):
+        return tuple(in_shape)
+
+    def params(self, in_shape):
+        c = (in_shape[-1],)
+        return (ParamSpec.of("gamma", c), ParamSpec.of("beta", c))
 
 
 @dataclass(frozen=True)
@@ -239,34 +368,80 @@ class Dropout(Layer):
 
 # The spec's vocabulary: every layer type a spec may use, by the name the JSON form writes.  A backend maps each of
 # these to a builder or declares it unsupported (tests/test_conformance.py checks that it does one or the other).
-LAYERS: dict[str, type[Layer]] = {c.__name__: c for c in (Dense, Conv2D, MaxPool2D, Flatten, Activation, BatchNorm,
-                                                           Dropout)}
+LAYERS: dict[str, type[Layer]] = {c.__name__: c for c in (Dense, Conv2D, MaxPool2D, AveragePooling2D, Flatten,
+                                                           Activation, BatchNorm, LayerNorm, Dropout)}
 
 
 # ---------------------------------------------------------------------------------------------- loss and optimizers
 @dataclass(frozen=True)
 class Loss:
-    kind: str  # "sse": sum of squared errors, no 1/2; "binary_crossentropy" / "softmax_crossentropy": from logits
+    """The loss, per sample then reduced over the batch, plus an optional L2 penalty.
+
+    * ``sse``: sum over the outputs of squared errors (no 1/2); ``mse``: their *mean* over the last axis (Keras'
+      ``mean_squared_error``; torch's ``nn.MSELoss`` means over every element, and broadcasts an ``(N, 1)`` output
+      against ``(N,)`` targets into an ``(N, N)`` difference);
+    * ``binary_crossentropy`` / ``softmax_crossentropy``: from logits (the last layer is linear), stable formulas;
+    * ``sparse_categorical_crossentropy``: ``-log(p[label])`` on *probabilities* (the last layer applies softmax), with
+      integer labels and no clipping (Keras clips ``p`` to ``[1e-7, 1 - 1e-7]``).
+    * ``class_weights`` (integer-label losses only): sample i's loss is multiplied by the weight of its class and
+      ``reduction="mean"`` divides the weighted sum by the batch size N (Keras' ``class_weight``); torch's
+      ``CrossEntropyLoss(weight=...)`` divides by the sum of the batch's weights instead.
+    * ``l2``: ``l2 * sum(kernel**2)`` over every kernel (role "kernel"; not biases, gamma or beta) is added to the
+      reduced loss (Keras' ``kernel_regularizer=L2(l2)``); its gradient ``2 * l2 * kernel`` is in ``gradients``.
+      torch's ``weight_decay=wd`` adds ``wd * p`` to every parameter's gradient (L2(l) == weight_decay 2*l, biases
+      included), TF1's ``tf.nn.l2_loss`` is ``sum(w**2) / 2``.
+    """
+
+    kind: str
     reduction: str  # over the batch: "sum" or "mean" (mean of per-sample losses)
+    class_weights: tuple[float, ...] = ()
+    l2: float = 0.0
 
     def __post_init__(self) -> None:
         _check_choice("loss", self.kind, LOSSES)
         _check_choice("reduction", self.reduction, REDUCTIONS)
+        object.__setattr__(self, "class_weights", tuple(float(w) for w in self.class_weights))
+        if self.class_weights and not self.integer_labels:
+            raise ValueError(f"class_weights need a loss with integer class labels (softmax_crossentropy, "
+                             f"sparse_categorical_crossentropy), got {self.kind!r}")
+        if any(not w >= 0 for w in self.class_weights) or not self.l2 >= 0:
+            raise ValueError(f"class weights and l2 must be >= 0, got {self.class_weights}, l2={self.l2!r}")
+        _check_f32("Loss", self, ("l2",))
 
     @property
     def prediction(self) -> str:
         """What turns the network output into a prediction: 'identity', 'sigmoid' or 'softmax'."""
-        return {"sse": "identity", "binary_crossentropy": "sigmoid", "softmax_crossentropy": "softmax"}[self.kind]
+        return {"sse": "identity", "mse": "identity", "binary_crossentropy": "sigmoid",
+                "softmax_crossentropy": "softmax", "sparse_categorical_crossentropy": "identity"}[self.kind]
 
     @property
     def integer_labels(self) -> bool:
-        """softmax cross-entropy takes integer class labels of shape (N,); the others take targets shaped like the output."""
-        return self.kind == "softmax_crossentropy"
+        """The cross-entropies over classes take integer class labels of shape (N,); the others take targets shaped
+        like the output."""
+        return self.kind in ("softmax_crossentropy", "sparse_categorical_crossentropy")
 
 
 @dataclass(frozen=True)
 class SGD:
+    """``w -= lr * g`` without momentum.  With ``momentum`` mu, two forms that agree at a constant learning rate and
+    part after it changes (:class:`StepDecay`):
+
+    * ``"accumulator"`` (torch.optim.SGD, TF1 MomentumOptimizer, optax.sgd): ``b = mu * b + g``; ``w -= lr_t * b``,
+      Nesterov ``w -= lr_t * (g + mu * b)``;
+    * ``"velocity"`` (Keras): ``v = mu * v - lr_t * g``; ``w += v``, Nesterov ``w += mu * v - lr_t * g``.
+    """
+
     lr: float  # w -= lr * grad
+    momentum: float = 0.0
+    nesterov: bool = False
+    momentum_form: str = "accumulator"
+
+    def __post_init__(self) -> None:
+        _check_choice("SGD momentum_form", self.momentum_form, MOMENTUM_FORMS)
+        _check_f32("SGD", self, ("momentum",))
+        if not 0.0 <= self.momentum < 1.0 or (self.nesterov and self.momentum == 0):
+            raise ValueError(f"SGD needs 0 <= momentum < 1 (and momentum > 0 for nesterov), got "
+                             f"momentum={self.momentum!r}, nesterov={self.nesterov!r}")
 
 
 @dataclass(frozen=True)
@@ -279,14 +454,92 @@ class Adam:
 
     def __post_init__(self) -> None:
         _check_choice("Adam epsilon convention", self.convention, ADAM_CONVENTIONS)
-        for name in ("lr", "beta1", "beta2", "epsilon"):
-            v = getattr(self, name)
-            if f32(v) != v:
-                raise ValueError(f"Adam {name}={v!r} is not exactly representable in float32; use models.spec.f32({v!r})")
+        _check_f32(type(self).__name__, self, ("lr", "beta1", "beta2", "epsilon"))
 
 
-Optimizer = Union[SGD, Adam]
-OPTIMIZERS: dict[str, type] = {c.__name__: c for c in (SGD, Adam)}  # the optimizer vocabulary, like LAYERS
+@dataclass(frozen=True)
+class AdamW(Adam):
+    """Adam with decoupled weight decay: before the Adam update, ``w -= lr_t * weight_decay * w`` (every trainable
+    parameter), or ``w -= weight_decay * w`` when not ``decay_times_lr`` (the paper's schedule-free form).  Defaults
+    differ: torch 1e-2, Keras 4e-3, optax 1e-4; the spec's is Keras'."""
+
+    weight_decay: float = f32(0.004)
+    decay_times_lr: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_f32("AdamW", self, ("weight_decay",))
+
+
+@dataclass(frozen=True)
+class RMSprop:
+    """``v = rho * v + (1 - rho) * g**2`` from ``v = initial_accumulator``; ``w -= lr_t * g / sqrt(v + eps)`` when
+    ``epsilon_inside_sqrt`` (Keras, TF1, optax), else ``g / (sqrt(v) + eps)`` (torch).  Defaults differ: rho 0.9
+    (Keras, TF1, optax) vs torch's alpha 0.99; epsilon 1e-7 / 1e-10 / 1e-8 / 1e-8; TF1 starts v at 1.0."""
+
+    lr: float = f32(0.001)
+    rho: float = f32(0.9)
+    epsilon: float = f32(1e-7)
+    epsilon_inside_sqrt: bool = True
+    initial_accumulator: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_f32("RMSprop", self, ("lr", "rho", "epsilon", "initial_accumulator"))
+
+
+@dataclass(frozen=True)
+class Adagrad:
+    """``a = a + g**2`` from ``a = initial_accumulator``; ``w -= lr_t * g / sqrt(a + eps)`` when ``epsilon_inside_sqrt``
+    (Keras), else ``g / (sqrt(a) + eps)`` (torch, TF1 without eps).  Defaults differ: initial accumulator 0.1 (Keras,
+    TF1, optax) vs 0 (torch); epsilon 1e-7 / 1e-10 / 1e-7."""
+
+    lr: float = f32(0.001)
+    initial_accumulator: float = f32(0.1)
+    epsilon: float = f32(1e-7)
+    epsilon_inside_sqrt: bool = True
+
+    def __post_init__(self) -> None:
+        _check_f32("Adagrad", self, ("lr", "initial_accumulator", "epsilon"))
+
+
+Optimizer = Union[SGD, Adam, AdamW, RMSprop, Adagrad]
+OPTIMIZERS: dict[str, type] = {c.__name__: c for c in (SGD, Adam, AdamW, RMSprop, Adagrad)}  # like LAYERS
+
+
+@dataclass(frozen=True)
+class ClipNorm:
+    """Gradient clipping before the optimizer (the gradients ``gradients()`` reports are not clipped): ``"global"``
+    scales every gradient by ``min(1, max_norm / ||all gradients||)`` (torch ``clip_grad_norm_``, which adds 1e-6 to
+    the norm; ``tf.clip_by_global_norm``; ``optax.clip_by_global_norm``; Keras ``global_clipnorm``), ``"per_tensor"``
+    each gradient by ``min(1, max_norm / ||g||)`` (Keras ``clipnorm``, ``tf.clip_by_norm``)."""
+
+    max_norm: float
+    scope: str = "global"
+
+    def __post_init__(self) -> None:
+        _check_choice("ClipNorm scope", self.scope, CLIP_SCOPES)
+        _check_f32("ClipNorm", self, ("max_norm",))
+        if not self.max_norm > 0:
+            raise ValueError(f"ClipNorm max_norm must be > 0, got {self.max_norm!r}")
+
+
+@dataclass(frozen=True)
+class StepDecay:
+    """A step learning-rate schedule, counted in updates: update ``t`` (0-based: ``t`` updates applied before it) uses
+    ``lr_t = optimizer.lr * factor ** (t // every)`` (Keras ``ExponentialDecay(lr, every, factor, staircase=True)``,
+    ``optax.exponential_decay(lr, every, factor, staircase=True)``, torch ``StepLR(opt, every, factor)`` stepped after
+    every batch)."""
+
+    every: int
+    factor: float
+
+    def __post_init__(self) -> None:
+        _check_f32("StepDecay", self, ("factor",))
+        if int(self.every) < 1 or not 0 < self.factor:
+            raise ValueError(f"StepDecay needs every >= 1 and factor > 0, got {self.every!r}, {self.factor!r}")
+
+    def lr(self, base: float, t: int) -> float:
+        return float(base) * float(self.factor) ** (int(t) // int(self.every))
 
 
 @dataclass(frozen=True)
@@ -294,10 +547,14 @@ class Init:
     weights: str = "glorot_uniform"  # "glorot_uniform" | "normal" (mean 0, std=scale) | "uniform" (-scale, scale)
     biases: str = "zeros"  # same choices as weights
     scale: float = 1.0  # std for "normal", limit for "uniform"; unused by glorot / zeros
+    # explicit initial values, one flat tuple (C order, canonical layout) per trainable parameter in param_names()
+    # order: a tutorial's own numbers (the seed argument is then ignored)
+    explicit: tuple[tuple[float, ...], ...] = ()
 
     def __post_init__(self) -> None:
         _check_choice("initializer", self.weights, INITIALIZERS)
         _check_choice("initializer", self.biases, INITIALIZERS)
+        object.__setattr__(self, "explicit", tuple(tuple(float(v) for v in a) for a in self.explicit))
 
 
 INIT_PRESETS = {
@@ -324,6 +581,8 @@ class ModelSpec:
     dtype: str = "float32"  # the tutorial's dtype; --dtype overrides
     shuffle: bool = True  # a new seeded permutation each epoch (False: the data's own order every epoch)
     reference: str = ""  # what the tutorial reports, for the README
+    clip: ClipNorm | None = None  # gradient clipping before the optimizer
+    schedule: StepDecay | None = None  # the learning rate per update (None: constant)
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
@@ -331,6 +590,20 @@ class ModelSpec:
             raise ValueError(f"model {self.name!r} has no layers")
         self.shapes()  # validates the layer sequence
         self.check_batch_size(min(self.batch_sizes), "batch_sizes")
+        if self.loss.class_weights and len(self.loss.class_weights) != self.n_outputs:
+            raise ValueError(f"model {self.name!r}: {len(self.loss.class_weights)} class weights for "
+                             f"{self.n_outputs} classes")
+        if self.init.explicit:
+            shapes = self.param_shapes()
+            sizes = [len(a) for a in self.init.explicit]
+            if sizes != [math.prod(s) for s in shapes]:
+                raise ValueError(f"model {self.name!r}: explicit initial values of sizes {sizes} for parameters "
+                                 f"{dict(zip(self.param_names(), shapes))}")
+
+    def lr_at(self, t: int) -> float:
+        """The learning rate of update ``t`` (0-based: the number of updates applied before it)."""
+        base = float(self.optimizer.lr)
+        return base if self.schedule is None else self.schedule.lr(base, t)
 
     def check_batch_size(self, batch_size: int, what: str = "batch size") -> None:
         """ValueError for a batch too small for a layer: BatchNorm on flat features needs two samples (at batch 1 each
@@ -454,6 +727,8 @@ def init_weights(spec: ModelSpec, seed: int, init: Init | None = None) -> list[n
     Each parameter's role picks its initializer (kernels: ``init.weights``, biases: ``init.biases``, gamma: ones, beta:
     zeros); random draws happen in parameter order, so adding a layer without random parameters moves no number."""
     init = init or spec.init
+    if init.explicit:
+        return [np.array(v, dtype=np.float64).reshape(s) for v, s in zip(init.explicit, spec.param_shapes())]
     rng = np.random.default_rng(seed)
     kinds = {"weights": init.weights, "biases": init.biases}
     return [np.asarray(_initial(kinds.get(p.init, p.init), p.shape, init, rng, p.role == "kernel"), dtype=np.float64)
@@ -492,6 +767,7 @@ def spec_to_dict(spec: ModelSpec) -> dict:
     d = dataclasses.asdict(spec)
     d["layers"] = [_plain(layer) for layer in spec.layers]
     d["optimizer"] = _plain(spec.optimizer)
+    d["loss"]["class_weights"] = list(spec.loss.class_weights)
     d["param_names"] = spec.param_names()
     d["state_names"] = spec.state_names()
     d["param_count"] = spec.param_count()
@@ -516,6 +792,8 @@ def spec_from_dict(d: dict) -> ModelSpec:
     d["layers"] = tuple(_build(LAYERS, "layer", layer) for layer in d["layers"])
     d["optimizer"] = _build(OPTIMIZERS, "optimizer", d["optimizer"])
     d["loss"], d["init"] = Loss(**d["loss"]), Init(**d["init"])
+    d["clip"] = ClipNorm(**d["clip"]) if d.get("clip") else None
+    d["schedule"] = StepDecay(**d["schedule"]) if d.get("schedule") else None
     for key in ("input_shape", "batch_sizes"):
         d[key] = tuple(d[key])
     return ModelSpec(**d)

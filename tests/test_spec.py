@@ -32,7 +32,7 @@ def test_invalid_layer_sequence_is_explained():
     with pytest.raises(ValueError, match="Flatten"):
         ModelSpec("bad", "", (4, 4, 1), (Dense(3),), Loss("sse", "sum"), Adam(), Init(), "toy_431", (1,), 1, 0)
     with pytest.raises(ValueError, match="activation"):
-        Dense(3, "tanh")
+        Dense(3, "swish")
 
 
 def test_adam_hyperparameters_must_be_float32_exact():
@@ -138,7 +138,7 @@ def test_a_users_model_file_is_loaded_and_validated(tmp_path):
         get_model(str(wrong))
     broken = tmp_path / "broken.py"
     broken.write_text("from models.spec import Dense\nSPEC = Dense(3, 'tanhh')\n")
-    with pytest.raises(ValueError, match=r"(?s)broken.py.*failed to load: ValueError: activation 'tanhh'.*line 2"):
+    with pytest.raises(ValueError, match=r"(?s)broken.py.*failed to load: ValueError: Dense activation 'tanhh'.*line 2"):
         get_model(str(broken))
     syntax = tmp_path / "syntax.py"
     syntax.write_text("SPEC = (\n")
