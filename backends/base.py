@@ -37,6 +37,49 @@ from models.spec import DTYPES, ModelSpec, dropout_masks
 MODES = ("aligned", "native")
 DEVICES = ("cpu", "cuda")
 
+# Every framework default that native mode applies, by key: a backend's native mode substitutes its framework's value
+# for each of these where the framework has one (its "effective spec"), lists what that changed in
+# ``info["native_differences"]`` (prose) and ``info["native_settings"]`` ({key: "the framework's API and value"}, only
+# the keys that differ from the spec in this run), and with ``BuildOptions.extra["native_only"] = [keys]`` applies only
+# those keys (the others stay aligned): how the hazards atlas (harness/hazards.py) measures one default at a time.
+NATIVE_KEYS: dict[str, str] = {
+    "adam_epsilon": "Adam / AdamW epsilon value",
+    "adam_convention": "Adam / AdamW epsilon added to sqrt(v) (eps_hat) or sqrt(v_hat) (eps_v_hat)",
+    "adam_one_minus_beta": "1 - beta computed from a Python double, then cast (Keras, float32 runs)",
+    "lr_precision": "the learning rate or another hyperparameter as a Python float cast per update (TF1)",
+    "matmul_precision": "the framework's default matmul / conv precision (TF32 on CUDA, XLA's default precision)",
+    "loss_form": "the loss a framework user writes for the spec's loss (nn.MSELoss for sse, sigmoid + BCE on "
+                 "probabilities, softmax + crossentropy on probabilities)",
+    "mse_broadcast": "mean squared error with (N,) targets against an (N, 1) output (torch broadcasts to (N, N))",
+    "sparse_cce_probabilities": "crossentropy on probabilities: Keras clips to [1e-7, 1 - 1e-7]; torch's "
+                                "CrossEntropyLoss takes logits and applies softmax again",
+    "class_weight_denominator": "class-weighted mean: divided by the batch size or by the sum of the batch's weights",
+    "batchnorm_momentum": "BatchNorm momentum (and its convention)",
+    "batchnorm_epsilon": "BatchNorm epsilon",
+    "batchnorm_variance": "BatchNorm moving variance biased or Bessel-corrected",
+    "dropout_rng": "dropout masks from the framework's own RNG",
+    "conv_same_padding": "Conv2D 'same' padding at stride > 1 (TF pads the extra row bottom/right; torch's k//2 pads "
+                         "both sides)",
+    "avgpool_count_pad": "average pooling with padding: padded zeros counted in the divisor or not",
+    "layernorm_epsilon": "LayerNorm epsilon",
+    "leaky_relu_slope": "leaky_relu negative slope",
+    "gelu_approximation": "gelu exact (erf) or tanh approximation",
+    "momentum_form": "SGD momentum as an accumulator scaled by lr (torch, TF1, optax) or a velocity with lr inside "
+                     "(Keras)",
+    "rmsprop_rho": "RMSprop decay rho / alpha",
+    "rmsprop_epsilon": "RMSprop epsilon value and whether it is inside the square root",
+    "rmsprop_accumulator": "RMSprop initial accumulator (TF1: 1.0)",
+    "adagrad_accumulator": "Adagrad initial accumulator",
+    "adagrad_epsilon": "Adagrad epsilon value and whether it is inside the square root",
+    "adamw_weight_decay": "AdamW default weight decay",
+    "adamw_decay_form": "AdamW decay multiplied by the learning rate or not",
+    "l2_regularization": "an L2 penalty written the framework's way (torch weight_decay = l on every parameter, "
+                         "TF1 l * tf.nn.l2_loss = l * sum(w^2) / 2)",
+    "clip_scope": "gradient clipping by global norm or per tensor",
+    "clip_epsilon": "a small constant added to the norm when clipping (torch clip_grad_norm_: 1e-6)",
+    "lr_schedule": "the step schedule through the framework's scheduler",
+}
+
 
 class Unsupported(Exception):
     """Raised by a backend for a configuration it cannot run; the harness turns it into a ``skipped:`` row."""
@@ -136,6 +179,19 @@ class ModelBase:
         self.spec = spec
         self.options = options
         self.info: dict[str, Any] = {}
+        only = options.extra.get("native_only")
+        if only is not None:
+            unknown = sorted(set(only) - set(NATIVE_KEYS))
+            if unknown:
+                raise ValueError(f"unknown native_only key(s) {unknown}; valid: {', '.join(NATIVE_KEYS)}")
+        self._native_only = None if only is None else frozenset(only)
+
+    def native(self, key: str) -> bool:
+        """Whether this run applies the framework's default ``key`` (a :data:`NATIVE_KEYS` key): native mode, and
+        ``key`` among ``BuildOptions.extra["native_only"]`` when that is given."""
+        if key not in NATIVE_KEYS:
+            raise KeyError(f"unknown native key {key!r}; add it to backends.base.NATIVE_KEYS")
+        return self.options.mode == "native" and (self._native_only is None or key in self._native_only)
 
     def train_steps(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
         return np.array([self.train_step(x, y) for x, y in zip(xs, ys)], dtype=np.float64)
