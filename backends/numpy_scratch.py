@@ -12,11 +12,29 @@ With ``DLCOMPARE_ARRAY_MODULE=cupy`` (the ``cupy`` backend) the same code runs o
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
 
-from models.spec import SGD, Activation, Adam, BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ModelSpec, init_state
+from models.spec import (
+    SGD,
+    Activation,
+    Adagrad,
+    Adam,
+    AdamW,
+    AveragePooling2D,
+    BatchNorm,
+    Conv2D,
+    Dense,
+    Dropout,
+    Flatten,
+    LayerNorm,
+    MaxPool2D,
+    ModelSpec,
+    RMSprop,
+    init_state,
+)
 
 from .base import BuildOptions, Capabilities, ModelBase, Unsupported, lookup
 
@@ -55,19 +73,57 @@ def devices() -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------- the layer maths
-def _act(xp, z, kind):
+def _erf(xp, z):
+    """erf elementwise (NumPy has none; math.erf is correctly rounded to within an ulp)."""
+    if xp is np:
+        return np.frompyfunc(math.erf, 1, 1)(z).astype(z.dtype)
+    import cupyx.scipy.special
+
+    return cupyx.scipy.special.erf(z)
+
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def _act(xp, z, kind, layer=None):
+    """The activation ``kind``; ``layer`` (an Activation) carries leaky_relu's slope and gelu's form."""
     if kind == "relu":
         return xp.maximum(z, 0)
     if kind == "sigmoid":
         return _sigmoid(xp, z)
+    if kind == "tanh":
+        return xp.tanh(z)
+    if kind == "softmax":
+        return _softmax(xp, z)
+    if kind == "leaky_relu":
+        return xp.where(z > 0, z, z * z.dtype.type(layer.negative_slope))
+    if kind == "gelu":
+        dt = z.dtype.type
+        if layer.approximate == "tanh":
+            return dt(0.5) * z * (1 + xp.tanh(dt(_GELU_C) * (z + dt(0.044715) * z * z * z)))
+        return dt(0.5) * z * (1 + _erf(xp, z / dt(math.sqrt(2.0))))
     return z
 
 
-def _act_grad(xp, z, a, kind, da):
+def _act_grad(xp, z, a, kind, da, layer=None):
     if kind == "relu":
         return da * (z > 0)
     if kind == "sigmoid":
         return da * a * (1 - a)
+    if kind == "tanh":
+        return da * (1 - a * a)
+    if kind == "softmax":  # the Jacobian of softmax over the last axis, applied
+        return a * (da - (da * a).sum(axis=-1, keepdims=True))
+    if kind == "leaky_relu":
+        return xp.where(z > 0, da, da * z.dtype.type(layer.negative_slope))
+    if kind == "gelu":
+        dt = z.dtype.type
+        if layer.approximate == "tanh":
+            t = xp.tanh(dt(_GELU_C) * (z + dt(0.044715) * z * z * z))
+            return da * (dt(0.5) * (1 + t) + dt(0.5) * z * (1 - t * t) * dt(_GELU_C) * (1 + dt(3 * 0.044715) * z * z))
+        cdf = dt(0.5) * (1 + _erf(xp, z / dt(math.sqrt(2.0))))
+        pdf = xp.exp(dt(-0.5) * z * z) / dt(math.sqrt(2.0 * math.pi))
+        return da * (cdf + z * pdf)
     return da
 
 
@@ -105,6 +161,17 @@ def loss_and_grad(xp, spec: ModelSpec, out, y, alt_formula=False):
         diff = out - y
         per_sample = (diff * diff).sum(axis=-1)
         grad = 2 * diff
+    elif kind == "mse":  # mean over the last axis, like Keras
+        diff = out - y
+        k = out.shape[-1]
+        per_sample = (diff * diff).mean(axis=-1)
+        grad = 2 * diff / k
+    elif kind == "sparse_categorical_crossentropy":  # -log p[label] on probabilities, no clipping
+        rows = xp.arange(n)
+        picked = out[rows, y]
+        per_sample = -xp.log(picked)
+        grad = xp.zeros_like(out)
+        grad[rows, y] = -1 / picked
     elif kind == "binary_crossentropy":
         # mean over the output units, like Keras; stable: max(z,0) - z*y + log(1 + exp(-|z|))
         per_elem = xp.maximum(out, 0) - out * y + xp.log1p(xp.exp(-xp.abs(out)))
@@ -117,6 +184,10 @@ def loss_and_grad(xp, spec: ModelSpec, out, y, alt_formula=False):
         per_sample = -logp[rows, y]
         grad = _softmax(xp, out, divide=True) if alt_formula else xp.exp(logp)
         grad[rows, y] -= 1
+    if spec.loss.class_weights:  # each sample's loss times its class's weight; the mean still divides by n
+        w = xp.asarray(np.asarray(spec.loss.class_weights, dtype=out.dtype))[y]
+        per_sample = per_sample * w
+        grad = grad * w[:, None]
     if spec.loss.reduction == "mean":
         return per_sample.mean(), grad / n
     return per_sample.sum(), grad
@@ -139,45 +210,76 @@ def _mm_blocked(a, b):
     return a[..., :h] @ b[:h] + a[..., h:] @ b[h:]
 
 
-def _conv_forward(xp, x, w, mm=_mm):
-    """x (N,H,W,C), w (kh,kw,C,F) -> (N,Ho,Wo,F) and the im2col patches (N*Ho*Wo, kh*kw*C)."""
+def _taps(x, kh, kw, sh, sw, ho, wo):
+    """The (kh * kw) strided views of ``x`` (N, H, W, C), one per window tap in row-major (i, j) order, each
+    (N, ho, wo, C)."""
+    return [x[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :] for i in range(kh) for j in range(kw)]
+
+
+def _pad(xp, x, pads, value=0.0):
+    (t, b), (left, r) = pads
+    if t == b == left == r == 0:
+        return x
+    return xp.pad(x, ((0, 0), (t, b), (left, r), (0, 0)), constant_values=value)
+
+
+def _scatter_taps(xp, shape, dtaps, kh, kw, sh, sw, ho, wo, pads):
+    """Inverse of :func:`_taps` + :func:`_pad`: add each tap's gradient into a padded zero array, then crop."""
+    (t, b), (left, r) = pads
+    n, h, wd, c = shape
+    dx = xp.zeros((n, h + t + b, wd + left + r, c), dtype=dtaps[0].dtype)
+    for k, d in enumerate(dtaps):  # one scatter-add per tap
+        i, j = divmod(k, kw)
+        dx[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :] += d
+    return dx[:, t : t + h, left : left + wd, :]
+
+
+def _conv_forward(xp, x, w, mm=_mm, strides=(1, 1), pads=((0, 0), (0, 0))):
+    """x (N,H,W,C), w (kh,kw,C,F) -> (N,Ho,Wo,F) and the im2col patches (N*Ho*Wo, kh*kw*C); zero ``pads`` first."""
+    x = _pad(xp, x, pads)
     n, h, wd, c = x.shape
     kh, kw, _, f = w.shape
-    ho, wo = h - kh + 1, wd - kw + 1
-    patches = xp.stack([x[:, i : i + ho, j : j + wo, :] for i in range(kh) for j in range(kw)], axis=3)
+    sh, sw = strides
+    ho, wo = (h - kh) // sh + 1, (wd - kw) // sw + 1
+    patches = xp.stack(_taps(x, kh, kw, sh, sw, ho, wo), axis=3)
     patches = patches.reshape(n * ho * wo, kh * kw * c)  # tap order (i, j) then channel = HWIO's order
     return mm(patches, w.reshape(kh * kw * c, f)).reshape(n, ho, wo, f), patches
 
 
-def _conv_backward(xp, x_shape, w, patches, dout, need_dx=True, mm=_mm, colsum=_colsum):
-    n, h, wd, c = x_shape
-    kh, kw, _, f = w.shape
-    ho, wo = h - kh + 1, wd - kw + 1
+def _conv_backward(xp, x_shape, w, patches, dout, need_dx=True, mm=_mm, colsum=_colsum, strides=(1, 1),
+                   pads=((0, 0), (0, 0))):
+    kh, kw, c, f = w.shape
+    n, ho, wo, _ = dout.shape
     d2 = dout.reshape(n * ho * wo, f)
     dw = mm(patches.T, d2).reshape(w.shape)
     if not need_dx:
         return None, dw, colsum(d2)
     dpatches = mm(d2, w.reshape(kh * kw * c, f).T).reshape(n, ho, wo, kh * kw, c)
-    dx = xp.zeros(x_shape, dtype=dout.dtype)
-    for t in range(kh * kw):  # one scatter-add per kernel tap
-        i, j = divmod(t, kw)
-        dx[:, i : i + ho, j : j + wo, :] += dpatches[:, :, :, t, :]
+    dx = _scatter_taps(xp, x_shape, [dpatches[:, :, :, t, :] for t in range(kh * kw)], kh, kw, *strides, ho, wo, pads)
     return dx, dw, colsum(d2)
 
 
-def _pool_forward(xp, x, p):
+def _pool_forward(xp, x, p, s=None):
+    """Max over p x p windows at stride s ('valid'); the index of the first maximum of each window (row-major)."""
+    s = p if s is None else s
     n, h, w, c = x.shape
-    ho, wo = h // p, w // p
-    win = x[:, : ho * p, : wo * p, :].reshape(n, ho, p, wo, p, c).transpose(0, 1, 3, 5, 2, 4).reshape(n, ho, wo, c, p * p)
+    ho, wo = (h - p) // s + 1, (w - p) // s + 1
+    if s == p:
+        win = x[:, : ho * p, : wo * p, :].reshape(n, ho, p, wo, p, c).transpose(0, 1, 3, 5, 2, 4).reshape(n, ho, wo, c, p * p)
+    else:
+        win = xp.stack(_taps(x, p, p, s, s, ho, wo), axis=-1)
     idx = win.argmax(axis=-1)  # first maximum wins ties
     return xp.take_along_axis(win, idx[..., None], axis=-1)[..., 0], idx
 
 
-def _pool_backward(xp, x_shape, p, idx, dout):
+def _pool_backward(xp, x_shape, p, idx, dout, s=None):
+    s = p if s is None else s
     n, h, w, c = x_shape
-    ho, wo = h // p, w // p
+    ho, wo = (h - p) // s + 1, (w - p) // s + 1
     dwin = xp.zeros((n, ho, wo, c, p * p), dtype=dout.dtype)
     xp.put_along_axis(dwin, idx[..., None], dout[..., None], axis=-1)
+    if s != p:
+        return _scatter_taps(xp, x_shape, [dwin[..., t] for t in range(p * p)], p, p, s, s, ho, wo, ((0, 0), (0, 0)))
     dx = xp.zeros(x_shape, dtype=dout.dtype)
     dx[:, : ho * p, : wo * p, :] = dwin.reshape(n, ho, wo, c, p, p).transpose(0, 1, 4, 2, 5, 3).reshape(n, ho * p, wo * p, c)
     return dx
@@ -208,29 +310,51 @@ def _dense_bwd(ctx, layer, params, cache, dout, need_dx):
 
 
 def _conv_fwd(ctx, layer, params, state, x, training, i):
-    z, patches = _conv_forward(ctx.xp, x, params[0], ctx.mm)
+    pads = layer.pads(x.shape[1:])
+    z, patches = _conv_forward(ctx.xp, x, params[0], ctx.mm, layer.strides, pads)
     if layer.use_bias:
         z = z + params[1]
     a = _act(ctx.xp, z, layer.activation)
-    return a, (x.shape, patches, z, a), None
+    return a, (x.shape, patches, z, a, pads), None
 
 
 def _conv_bwd(ctx, layer, params, cache, dout, need_dx):
-    x_shape, patches, z, a = cache
+    x_shape, patches, z, a, pads = cache
     dz = _act_grad(ctx.xp, z, a, layer.activation, dout)
     dx, dw, db = _conv_backward(ctx.xp, x_shape, params[0], patches, dz, need_dx=need_dx, mm=ctx.mm,
-                                colsum=ctx.colsum)
+                                colsum=ctx.colsum, strides=layer.strides, pads=pads)
     return dx, [dw] + ([db] if layer.use_bias else [])
 
 
 def _pool_fwd(ctx, layer, params, state, x, training, i):
-    a, idx = _pool_forward(ctx.xp, x, layer.pool_size)
+    a, idx = _pool_forward(ctx.xp, x, layer.pool_size, layer.stride)
     return a, (x.shape, idx), None
 
 
 def _pool_bwd(ctx, layer, params, cache, dout, need_dx):
     x_shape, idx = cache
-    return _pool_backward(ctx.xp, x_shape, layer.pool_size, idx, dout), []
+    return _pool_backward(ctx.xp, x_shape, layer.pool_size, idx, dout, layer.stride), []
+
+
+def _avgpool_fwd(ctx, layer, params, state, x, training, i):
+    """Sum of the window's taps over the zero-padded input, divided by how many of them lie inside the image (TF's
+    'same'; at 'valid' every window counts pool_size**2)."""
+    xp, p, s = ctx.xp, layer.pool_size, layer.stride
+    pads = layer.pads(x.shape[1:])
+    n, h, w, c = x.shape
+    (t, b), (left, r) = pads
+    ho, wo = (h + t + b - p) // s + 1, (w + left + r - p) // s + 1
+    total = sum(_taps(_pad(xp, x, pads), p, p, s, s, ho, wo))
+    ones = _pad(xp, xp.ones((1, h, w, 1), dtype=x.dtype), pads)
+    count = sum(_taps(ones, p, p, s, s, ho, wo))  # (1, ho, wo, 1): in-image values per window
+    return total / count, (x.shape, count, pads), None
+
+
+def _avgpool_bwd(ctx, layer, params, cache, dout, need_dx):
+    x_shape, count, pads = cache
+    p, s = layer.pool_size, layer.stride
+    d = dout / count
+    return _scatter_taps(ctx.xp, x_shape, [d] * (p * p), p, p, s, s, d.shape[1], d.shape[2], pads), []
 
 
 def _flatten_fwd(ctx, layer, params, state, x, training, i):
@@ -242,13 +366,38 @@ def _flatten_bwd(ctx, layer, params, cache, dout, need_dx):
 
 
 def _activation_fwd(ctx, layer, params, state, x, training, i):
-    a = _act(ctx.xp, x, layer.activation)
+    a = _act(ctx.xp, x, layer.activation, layer)
     return a, (x, a), None
 
 
 def _activation_bwd(ctx, layer, params, cache, dout, need_dx):
     x, a = cache
-    return _act_grad(ctx.xp, x, a, layer.activation, dout), []
+    return _act_grad(ctx.xp, x, a, layer.activation, dout, layer), []
+
+
+def _ln_fwd(ctx, layer, params, state, x, training, i):
+    """Normalise each sample's last axis by its own mean and biased variance; the same in both modes."""
+    gamma, beta = params
+    dt = x.dtype.type
+    k = x.shape[-1]
+    mean = x.sum(axis=-1, keepdims=True) / dt(k)
+    xc = x - mean
+    var = (xc * xc).sum(axis=-1, keepdims=True) / dt(k)
+    inv = 1 / ctx.xp.sqrt(var + dt(layer.epsilon))
+    xhat = xc * inv
+    return xhat * gamma + beta, (xhat, inv, gamma), None
+
+
+def _ln_bwd(ctx, layer, params, cache, dout, need_dx):
+    xhat, inv, gamma = cache
+    k = xhat.shape[-1]
+    dy2, xhat2 = dout.reshape(-1, k), xhat.reshape(-1, k)
+    grads = [ctx.colsum(dy2 * xhat2), ctx.colsum(dy2)]
+    dx = None
+    if need_dx:
+        dxhat = dout * gamma
+        dx = (dxhat - dxhat.mean(axis=-1, keepdims=True) - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)) * inv
+    return dx, grads
 
 
 def _bn_fwd(ctx, layer, params, state, x, training, i):
@@ -304,9 +453,11 @@ LAYER_BUILDERS = {
     Dense: (_dense_fwd, _dense_bwd),
     Conv2D: (_conv_fwd, _conv_bwd),
     MaxPool2D: (_pool_fwd, _pool_bwd),
+    AveragePooling2D: (_avgpool_fwd, _avgpool_bwd),
     Flatten: (_flatten_fwd, _flatten_bwd),
     Activation: (_activation_fwd, _activation_bwd),
     BatchNorm: (_bn_fwd, _bn_bwd),
+    LayerNorm: (_ln_fwd, _ln_bwd),
     Dropout: (_dropout_fwd, _dropout_bwd),
 }
 
@@ -355,15 +506,33 @@ def predict_from_output(xp, spec: ModelSpec, out, alt_formula=False):
     return out
 
 
+def _lr(model):
+    """The learning rate of the update being applied (``model.t`` counts it already), in the run's dtype."""
+    return model.dtype.type(model.spec.lr_at(model.t - 1))
+
+
 def _sgd(model, grads):
-    lr = model.dtype.type(model.spec.optimizer.lr)
-    for p, g in zip(model.params, grads):
-        p -= lr * g
+    opt = model.spec.optimizer
+    lr = _lr(model)
+    if opt.momentum == 0:
+        for p, g in zip(model.params, grads):
+            p -= lr * g
+        return
+    mu = model.dtype.type(opt.momentum)
+    for p, b, g in zip(model.params, model.m, grads):
+        if opt.momentum_form == "accumulator":  # torch / TF1 / optax: b = mu*b + g; w -= lr*b (Nesterov lr*(g + mu*b))
+            b *= mu
+            b += g
+            p -= lr * (g + mu * b) if opt.nesterov else lr * b
+        else:  # Keras: v = mu*v - lr*g; w += v (Nesterov w += mu*v - lr*g)
+            b *= mu
+            b -= lr * g
+            p += mu * b - lr * g if opt.nesterov else b
 
 
 def _adam(model, grads):
     xp, opt, dt = model.xp, model.spec.optimizer, model.dtype.type
-    b1, b2, eps, lr = dt(opt.beta1), dt(opt.beta2), dt(opt.epsilon), dt(opt.lr)
+    b1, b2, eps, lr = dt(opt.beta1), dt(opt.beta2), dt(opt.epsilon), _lr(model)
     t = dt(model.t)
     b1t, b2t = b1**t, b2**t
     if opt.convention == "eps_hat":
@@ -392,7 +561,68 @@ def _adam(model, grads):
             p -= lr * (m / (1 - b1t)) / (xp.sqrt(v / (1 - b2t)) + eps)
 
 
-OPTIMIZER_BUILDERS = {SGD: _sgd, Adam: _adam}  # optimizer type -> update(model, grads), after model.t += 1
+def _adamw(model, grads):
+    """Decoupled weight decay, then Adam: ``w -= lr_t * wd * w`` (or ``wd * w``) before the Adam update."""
+    opt = model.spec.optimizer
+    decay = model.dtype.type(opt.weight_decay) * (_lr(model) if opt.decay_times_lr else model.dtype.type(1))
+    for p in model.params:
+        p -= decay * p
+    _adam(model, grads)
+
+
+def _scaled_step(model, grads, accumulate):
+    """RMSprop / Adagrad: ``v`` (started at the optimizer's initial accumulator) moved by ``accumulate``, then
+    ``w -= lr*g / sqrt(v + eps)`` or ``lr*g / (sqrt(v) + eps)``."""
+    xp, opt, dt = model.xp, model.spec.optimizer, model.dtype.type
+    lr, eps = _lr(model), dt(opt.epsilon)
+    if model.t == 1:
+        for v in model.v:
+            v[...] = dt(opt.initial_accumulator)
+    for p, v, g in zip(model.params, model.v, grads):
+        accumulate(v, g)
+        if opt.epsilon_inside_sqrt:  # Keras' order: (lr * g) / sqrt(v + eps)
+            p -= (lr * g) / xp.sqrt(v + eps)
+        else:
+            p -= (lr * g) / (xp.sqrt(v) + eps)
+
+
+def _rmsprop(model, grads):
+    rho = model.dtype.type(model.spec.optimizer.rho)
+
+    def accumulate(v, g):
+        v[...] = rho * v + (1 - rho) * (g * g)
+
+    _scaled_step(model, grads, accumulate)
+
+
+def _adagrad(model, grads):
+    def accumulate(v, g):
+        v += g * g
+
+    _scaled_step(model, grads, accumulate)
+
+
+def clip_gradients(xp, spec: ModelSpec, grads):
+    """The spec's gradient clipping (:class:`models.spec.ClipNorm`), in the gradients' dtype; unchanged without it or
+    where the norm is within ``max_norm``."""
+    clip = spec.clip
+    if clip is None:
+        return grads
+    dt = grads[0].dtype.type
+    m = dt(clip.max_norm)
+    if clip.scope == "global":
+        norm = xp.sqrt(sum((g * g).sum() for g in grads))
+        return [g * (m / norm) for g in grads] if norm > m else grads
+    out = []
+    for g in grads:
+        norm = xp.sqrt((g * g).sum())
+        out.append(g * (m / norm) if norm > m else g)
+    return out
+
+
+# optimizer type -> update(model, grads), after model.t += 1 and the spec's clipping
+OPTIMIZER_BUILDERS = {SGD: _sgd, Adam: _adam, AdamW: _adamw, RMSprop: _rmsprop, Adagrad: _adagrad}
+VOCAB_READY = True  # every type of models.spec.LAYERS / OPTIMIZERS has its forward, backward or update here
 
 
 # ------------------------------------------------------------------------------------------------------- the model
@@ -430,8 +660,9 @@ class Model(ModelBase):
         opt = spec.optimizer
         self._update = lookup(OPTIMIZER_BUILDERS, opt, BACKEND)
         self.t = 0  # updates applied so far (also tells a kept gradient from a stale one)
+        self._kernels = [j for j, (_, _, p) in enumerate(spec.param_entries()) if p.role == "kernel"]
         self._last = None  # (t, x, y, loss, grads, state) of the last gradients() call, for the next train step
-        self.m = [self.xp.zeros_like(p) for p in self.params]  # Adam's moments (unused by SGD)
+        self.m = [self.xp.zeros_like(p) for p in self.params]  # Adam's moments, SGD's momentum (unused otherwise)
         self.v = [self.xp.zeros_like(p) for p in self.params]
         rounding = options.extra.get("rounding", ())
         rounding = tuple(r for r in (rounding.split("+") if isinstance(rounding, str) else rounding) if r)
@@ -501,7 +732,14 @@ class Model(ModelBase):
         loss, dout = loss_and_grad(self.xp, self.spec, out, y, alt_formula="formula" in self.rounding)
         if self.perturb is not None:  # the loss and its gradient rounded another way (another exp, log, sum order)
             loss, dout = self.perturb(loss), self.perturb(dout)
-        return loss, backward(self.xp, self.spec, self.params, caches, dout, ctx=ctx), ctx.new_state
+        grads = backward(self.xp, self.spec, self.params, caches, dout, ctx=ctx)
+        if self.spec.loss.l2:  # l2 * sum(kernel**2) on every kernel: the loss and the gradient 2 * l2 * kernel
+            l2 = self.dtype.type(self.spec.loss.l2)
+            for j in self._kernels:
+                k = self.params[j]
+                loss = loss + l2 * (k * k).sum()
+                grads[j] = grads[j] + (2 * l2) * k
+        return loss, grads, ctx.new_state
 
     def gradients(self, x, y):
         x, y = self._host(x, y)
@@ -534,7 +772,7 @@ class Model(ModelBase):
 
     def _apply(self, grads):
         self.t += 1
-        self._update(self, grads)
+        self._update(self, clip_gradients(self.xp, self.spec, grads))
 
     def predict(self, x):
         return self._predict(x, training=False)
