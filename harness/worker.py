@@ -249,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
 
     with np.load(job_dir / "data.npz") as f:
         data = {k: f[k] for k in f.files}
+    if job.get("kind") == "hazards":
+        from harness.hazards import work
+
+        work(mod, job, job_dir, data)
+        return 0
     from models.spec import spec_from_dict
 
     spec = spec_from_dict(job["spec"])

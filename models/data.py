@@ -1,6 +1,7 @@
 """The data sets the built-in models train on, loaded into NumPy arrays (stdlib + NumPy only).
 
 * ``toy_431``: the 3-sample toy set of the 4-3-1 tutorial, defined here.
+* ``or_gate``: the OR truth table of the TF1 perceptron tutorial (inputs with a constant third 1), defined here.
 * ``pima``: the Pima Indians Diabetes CSV bundled in ``models/data/`` (sha256 checked on every load), or a user's own
   ``pima-indians-diabetes.csv`` in ``data_dir`` / ``$DLCOMPARE_DATA_DIR``.
 * ``mnist``: the first of ``data_dir``, ``$DLCOMPARE_DATA_DIR``, Keras' ``~/.keras/datasets/mnist.npz``, a torchvision
@@ -36,7 +37,7 @@ from typing import Callable
 
 import numpy as np
 
-DATASETS: tuple[str, ...] = ("toy_431", "pima", "mnist", "fashion_mnist")
+DATASETS: tuple[str, ...] = ("toy_431", "or_gate", "pima", "mnist", "fashion_mnist")
 ENV_VAR = "DLCOMPARE_DATA_DIR"
 
 # Module-level paths, so that tests (and odd installations) can point them elsewhere.
@@ -184,6 +185,12 @@ def _toy() -> Dataset:
     x = np.array([[1, 0, 1, 0], [1, 0, 1, 1], [0, 1, 0, 1]], dtype=np.float64)
     y = np.array([[1], [1], [0]], dtype=np.float64)
     return Dataset("toy_431", x, y, None, None, "defined in models/data.py (the 4-3-1 tutorial's X and y)")
+
+
+def _or_gate() -> Dataset:
+    x = np.array([[0, 0, 1], [0, 1, 1], [1, 0, 1], [1, 1, 1]], dtype=np.float64)  # the third input is a constant 1
+    y = np.array([[0], [1], [1], [1]], dtype=np.float64)
+    return Dataset("or_gate", x, y, None, None, "defined in models/data.py (the TF1 perceptron tutorial's OR gate)")
 
 
 def _read_pima_csv(path: Path) -> np.ndarray:
@@ -442,6 +449,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Datase
         raise DataError(f"unknown data set {name!r}; valid names: {', '.join(DATASETS)}")
     if name == "toy_431":
         return _toy()
+    if name == "or_gate":
+        return _or_gate()
     if name == "pima":
         return _pima(_user_dirs(data_dir))
     return _images(name, data_dir)

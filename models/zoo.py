@@ -40,6 +40,25 @@ MLP_431 = ModelSpec(
     reference="the tutorial's net learns y = [1, 1, 0] from X = [[1,0,1,0],[1,0,1,1],[0,1,0,1]]",
 )
 
+PERCEPTRON_OR = ModelSpec(
+    name="perceptron_or",
+    description="the TF1 tutorial's perceptron: relu(x @ w), no bias, on the OR gate, sum of squares, gradient descent",
+    input_shape=(3,),
+    layers=(Dense(1, "relu", use_bias=False),),
+    loss=Loss("sse", "sum"),  # tf.reduce_sum(tf.square(y - output))
+    optimizer=SGD(lr=0.01),
+    # tf.random_normal([3, 1], seed=15) under TF1 graph mode (a graph without a graph-level seed), as that initializer
+    # draws it on this machine: the tutorial's own numbers, so that its printed losses can be reproduced
+    init=Init(explicit=((0.7045772, 0.12742124, 1.059515),)),
+    dataset="or_gate",
+    batch_sizes=(1, 4),  # the tutorial trains full batch (4)
+    epochs=100,
+    expected_params=3,
+    dtype="float32",
+    shuffle=False,
+    reference="the tutorial prints the loss after each of 100 full-batch updates: it starts at 2.07 and ends at 0.27",
+)
+
 PIMA_MLP = ModelSpec(
     name="pima_mlp",
     description="Pima diabetes MLP 8-16-8-1 (relu, relu, sigmoid), binary cross-entropy, Adam",
@@ -121,7 +140,7 @@ MNIST_BN_CNN = ModelSpec(
     reference="the Keras and PyTorch MNIST tutorials' CNN with BatchNorm and dropout",
 )
 
-MODELS: dict[str, ModelSpec] = {m.name: m for m in (MLP_431, PIMA_MLP, MNIST_MLP, MNIST_CNN, MNIST_BN_CNN)}
+MODELS: dict[str, ModelSpec] = {m.name: m for m in (MLP_431, PERCEPTRON_OR, PIMA_MLP, MNIST_MLP, MNIST_CNN, MNIST_BN_CNN)}
 
 
 def is_model_file(name: str) -> bool:

@@ -98,7 +98,7 @@ def test_toy_431():
 
 
 def test_unknown_name_lists_valid_names():
-    with pytest.raises(DataError, match="toy_431, pima, mnist, fashion_mnist"):
+    with pytest.raises(DataError, match="toy_431, or_gate, pima, mnist, fashion_mnist"):
         load_dataset("cifar10")
 
 
@@ -426,3 +426,8 @@ def test_default_checksums_cover_both_datasets():
     for name in ("mnist", "fashion_mnist"):
         assert sorted(data.CHECKSUMS[name]) == sorted(s + ".gz" for s in IDX_STEMS)
         assert all(len(v) == 64 and int(v, 16) >= 0 for v in data.CHECKSUMS[name].values())
+
+
+def test_or_gate():
+    ds = load_dataset("or_gate")
+    assert ds.x_train.tolist() == [[0, 0, 1], [0, 1, 1], [1, 0, 1], [1, 1, 1]] and ds.y_train.ravel().tolist() == [0, 1, 1, 1]
