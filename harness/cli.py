@@ -169,6 +169,35 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_hazards(args) -> int:
+    from . import hazards
+
+    results_dir = Path(args.results_dir)
+    if args.render:
+        record = hazards.latest_record(results_dir)
+        md = results_dir / "hazards.md"
+        md.write_text(hazards.render(record))
+        print(f"wrote {md} from {record.get('run_id')}")
+        return 0
+    names = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
+    keys = [k.strip() for k in args.probes.split(",") if k.strip()] if args.probes else None
+    if args.timeout <= 0:
+        raise UserError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    from .results import check_writable
+
+    check_writable(results_dir)  # before the long run, not after it
+    record = hazards.run_atlas(names, keys, timeout=args.timeout, progress=_progress)
+    raw, md = hazards.write_atlas(record, results_dir)
+    errors = [(r["probe"], b) for r in record["probes"] for b, c in r["backends"].items()
+              if c["native"]["status"] == "error" or c["aligned"]["status"] == "error"]
+    measured = sum(1 for r in record["probes"] if hazards.differing(r))
+    print(f"{measured} of {len(record['probes'])} probes show a framework default that differs from the spec")
+    print(f"wrote {raw}\nwrote {md}")
+    for probe, b in errors:
+        print(f"error: {b} on probe {probe} (see {md})")
+    return 1 if errors else 0
+
+
 # --------------------------------------------------------------------------------------------------------- selftest
 def _selftest_args(args) -> dict:
     """The sweep's options, checked before any work starts."""
@@ -293,6 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="only this model (a built-in name or a model file)")
     p.add_argument("--results-dir", default=str(_default_results()))
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("hazards", help="the porting-hazards atlas: each framework default measured one at a time "
+                                        "against the oracle -> results/hazards.md")
+    p.add_argument("--backends", help="comma-separated (default: every framework backend)")
+    p.add_argument("--probes", help="comma-separated probe keys or names (default: all; see harness/hazards.py)")
+    p.add_argument("--render", action="store_true", help="only re-render results/hazards.md from the newest record")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per backend subprocess (default 1800)")
+    p.add_argument("--results-dir", default=str(_default_results()))
+    p.set_defaults(func=cmd_hazards)
 
     for name, helptext in (("selftest", "false alarms of every installed backend over many seeds, and the catch "
                                          "rate of planted bugs, per dtype and batch size"),
