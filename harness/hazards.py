@@ -458,15 +458,33 @@ def differing(row: dict) -> list[tuple[str, dict]]:
             if c["native"].get("status") == "ok" and c["native"].get("setting")]
 
 
+def floor(row: dict, backend: str) -> float | None:
+    """The aligned run's largest distance from the oracle on this probe: rounding alone."""
+    a = row["backends"][backend]["aligned"]
+    return max(a["effects"].values()) if "effects" in a else None
+
+
+def effect(cell: dict) -> float:
+    """A native run's effect: the largest of its distances after the last step (weights, predictions, loss)."""
+    e = cell["effects"]
+    return max(e["weights_n"], e["pred_n"], e["loss_n"])
+
+
+def above_floor(row: dict, backend: str, cell: dict, factor: float = 10.0) -> bool:
+    """The default moves the numbers by more than ``factor`` times what rounding alone does (at least 1e-12)."""
+    f = floor(row, backend)
+    return "effects" in cell and effect(cell) > max(factor * (f or 0.0), 1e-12)
+
+
 def size(row: dict) -> float:
-    """The probe's largest effect: the worst differing backend's weights after the last step (else predictions)."""
-    vals = [max(c["effects"]["weights_n"], c["effects"]["pred_n"]) for _, c in differing(row) if "effects" in c]
-    return max(vals, default=0.0)
+    """The probe's largest effect among the backends whose default differs."""
+    return max((effect(c) for _, c in differing(row) if "effects" in c), default=0.0)
 
 
 def render(record: dict) -> str:
     rows = record["probes"]
     measured = [r for r in rows if differing(r)]
+    moving = [r for r in measured if any(above_floor(r, b, c) for b, c in differing(r))]
     lines = [
         "# The porting-hazards atlas",
         "",
@@ -482,22 +500,26 @@ def render(record: dict) -> str:
         f"the aligned run's largest distance: what rounding alone gives.  A framework whose default is the spec's "
         f"shows `= spec`.",
         "",
-        f"{len(measured)} of {len(rows)} probes show a default that differs from the spec in at least one framework.",
+        f"{len(measured)} of {len(rows)} probes show a default that differs from the spec in at least one framework; "
+        f"in {len(moving)} of them it moves the numbers by more than 10 times the aligned floor.",
         "",
         "## Largest measured effects",
         "",
-        "| hazard | framework | its default | w@N | pred@N | aligns it |",
-        "|---|---|---|---|---|---|",
+        "Per probe, the framework whose default moves the numbers most (`effect`: the largest of loss, weights and "
+        "predictions after the last step; the others are in the per-probe tables below).",
+        "",
+        "| hazard | framework | its default | loss@0 | w@1 | effect | floor | frameworks that differ | aligns it |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    ranked = sorted(measured, key=size, reverse=True)
-    for r in ranked:
-        worst = max(((b, c) for b, c in differing(r) if "effects" in c),
-                    key=lambda bc: max(bc[1]["effects"]["weights_n"], bc[1]["effects"]["pred_n"]), default=None)
-        if worst is None:
+    for r in sorted(measured, key=size, reverse=True):
+        cells = [(b, c) for b, c in differing(r) if "effects" in c]
+        if not cells:
             continue
-        b, c = worst
-        lines.append(f"| {r['name']} | {b} | `{c['setting']}` | {_fmt(c['effects']['weights_n'])} | "
-                     f"{_fmt(c['effects']['pred_n'])} | {r['align']} |")
+        b, c = max(cells, key=lambda bc: effect(bc[1]))
+        f = floor(r, b)
+        lines.append(f"| {r['name']} | {b} | `{c['setting']}` | {_fmt(c['effects']['loss_0'])} | "
+                     f"{_fmt(c['effects']['weights_1'])} | {_fmt(effect(c))} | {_fmt(f)} | "
+                     f"{', '.join(x for x, _ in differing(r))} | {r['align']} |")
     lines += ["", "## Every probe, every framework", ""]
     for r in rows:
         o = r["oracle"]
@@ -510,7 +532,7 @@ def render(record: dict) -> str:
                   "|---|---|---|---|---|---|---|---|"]
         for b, c in r["backends"].items():
             n, a = c["native"], c["aligned"]
-            floor = max(a["effects"].values()) if "effects" in a else None
+            fl = floor(r, b)
             if n["status"] != "ok":
                 lines.append(f"| {b} | {n['status']}: {n.get('reason', '')[:160]} | | | | | | |")
                 continue
@@ -518,7 +540,7 @@ def render(record: dict) -> str:
             setting = f"`{n['setting']}`" if n.get("setting") else "= spec"
             lines.append(f"| {b} | {setting} | {_fmt(e.get('loss_0'))} | {_fmt(e.get('weights_1'))} | "
                          f"{_fmt(e.get('loss_n'))} | {_fmt(e.get('weights_n'))} | {_fmt(e.get('pred_n'))} | "
-                         f"{_fmt(floor) if floor is not None else a['status']} |")
+                         f"{_fmt(fl) if fl is not None else a['status']} |")
         lines.append("")
     lines += ["## Versions", "", "| backend | version |", "|---|---|"]
     lines += [f"| {b} | {v} |" for b, v in record["versions"].items()]
