@@ -9,7 +9,14 @@ BatchNorm, Activation, Dropout, Dense without bias, against the NumPy float64 or
 * Native mode: the BatchNorm state after one step follows the formula measured for each framework default (TF1's
   fused path stores the Bessel-corrected variance, its plain path the biased one with a float32 ``1 - 0.99``; TF2
   follows Keras' BatchNormalization defaults), and native dropout keeps values in {0, x/(1-p)}, about 1-p of them,
-  while predict is deterministic.
+  while predict is deterministic.  (One default at a time: tests/test_hazards_tf.py.)
+* The hazards vocabulary, aligned, float64, 1e-12 against the oracle: Conv2D 'same' at stride 2 on an odd and an even
+  input, AveragePooling2D 'same' (in-image counts), overlapping MaxPool2D, LayerNorm, tanh / softmax / leaky_relu /
+  both gelu forms, mse, sparse CCE on a softmax (a Dense activation and an Activation layer), class weights (one of
+  them 0), L2; every optimizer form (SGD accumulator / velocity, each with Nesterov; Adam; RMSprop and Adagrad with
+  epsilon inside and outside the square root and their initial accumulators; AdamW with and without the learning rate
+  in the decay, both Adam conventions) under a step schedule crossing two boundaries, five of them with clipping that
+  bites (both scopes), and which ran: the built-in or the hand-written update.
 """
 
 from __future__ import annotations
@@ -30,17 +37,24 @@ from models.spec import (  # noqa: E402
     OPTIMIZERS,
     SGD,
     Activation,
+    Adagrad,
     Adam,
+    AdamW,
+    AveragePooling2D,
     BatchNorm,
+    ClipNorm,
     Conv2D,
     Dense,
     Dropout,
     Flatten,
     Init,
     Layer,
+    LayerNorm,
     Loss,
     MaxPool2D,
     ModelSpec,
+    RMSprop,
+    StepDecay,
     f32,
     init_weights,
 )
@@ -163,7 +177,7 @@ class Dummy(Layer):
 
 
 @dataclass(frozen=True)
-class RMSprop:
+class Lion:  # an optimizer outside the vocabulary
     lr: float = 0.01
 
 
@@ -173,8 +187,8 @@ def test_an_unknown_layer_or_optimizer_is_unsupported(backend):
     spec = _spec("dummy", (5,), [Dense(3), Dummy(), Dense(2)], Loss("sse", "mean"), SGD(lr=0.1))
     with pytest.raises(Unsupported, match=f"{backend} has no Dummy"):
         mod.Model(spec, init_weights(spec, 0), BuildOptions(dtype="float64"))
-    spec = dataclasses.replace(DENSE, optimizer=RMSprop())
-    with pytest.raises(Unsupported, match=f"{backend} has no RMSprop"):
+    spec = dataclasses.replace(DENSE, optimizer=Lion())
+    with pytest.raises(Unsupported, match=f"{backend} has no Lion"):
         mod.Model(spec, init_weights(DENSE, 0), BuildOptions(dtype="float64"))
 
 
@@ -274,3 +288,136 @@ def test_tf2_xla_step_with_batchnorm_and_masks_matches_the_oracle():
     assert scaled_error(m.train_steps(xs, ys), o.train_steps(xs, ys)) < 1e-12
     _close(m.get_weights(), o.get_weights(), 1e-12, "weights")
     _close(m.get_state(), o.get_state(), 1e-12, "state")
+
+
+# ------------------------------------------------------------------------- the hazards vocabulary, aligned (float64)
+# Each spec against the oracle: loss and every gradient before each step, weights after it, predictions at the end.
+VOCAB = {
+    # stride-2 'same' convolution on an odd input (pads (1, 1)), 'same' average pooling at stride 1 (pads (0, 1)),
+    # softmax output with the sparse CCE on probabilities, class weights and L2
+    "conv_same_odd": _spec("conv_same_odd", (5, 5, 1),
+                           [Conv2D(2, (3, 3), "tanh", "same", strides=(2, 2)), AveragePooling2D(2, 1, "same"),
+                            Flatten(), Dense(3, "softmax")],
+                           Loss("sparse_categorical_crossentropy", "mean", (1.0, 2.0, 0.5), l2=f32(1e-2)), SGD(0.1)),
+    # stride-2 'same' convolution on an even input (pads (0, 1)), LayerNorm on channels, exact gelu, 'same' average
+    # pooling 3x3 stride 2 (windows of 4, 6 and 9 in-image values), an overlapping max pool, MSE
+    "conv_same_even": _spec("conv_same_even", (6, 6, 2),
+                            [Conv2D(3, (3, 3), padding="same", strides=(2, 2)), LayerNorm(), Activation("gelu"),
+                             AveragePooling2D(3, 2, "same"), MaxPool2D(2, strides=1), Flatten(), Dense(2)],
+                            Loss("mse", "mean"), SGD(0.1)),
+    # LayerNorm with its own epsilon, leaky_relu, tanh, tanh-approximate gelu, class weights with a zero, L2
+    "dense_acts": _spec("dense_acts", (5,),
+                        [Dense(6), LayerNorm(f32(1e-2)), Activation("leaky_relu", negative_slope=f32(0.1)),
+                         Dense(4, "tanh"), Activation("gelu", approximate="tanh"), Dense(3)],
+                        Loss("softmax_crossentropy", "mean", (0.5, 0.0, 2.0), l2=f32(1e-3)), SGD(0.2)),
+    # an Activation("softmax") layer under the sparse CCE, reduction sum
+    "softmax_layer": _spec("softmax_layer", (5,), [Dense(4, "sigmoid"), Dense(3), Activation("softmax")],
+                           Loss("sparse_categorical_crossentropy", "sum"), SGD(0.1)),
+}
+VOCAB_CASES = [("conv_same_odd", 1), ("conv_same_odd", 4), ("conv_same_even", 4), ("dense_acts", 4),
+               ("softmax_layer", 3)]
+
+
+def _lockstep(m, o, xs, ys, tol=1e-12, weight_floor=None):
+    """Loss and gradients before each step, loss of the step, weights after it; predictions at the end."""
+    for k, (x, y) in enumerate(zip(xs, ys)):
+        lm, gm = m.gradients(x, y)
+        lo, go = o.gradients(x, y)
+        assert scaled_error(lm, lo) < tol, (k, lm, lo)
+        _close(gm, go, tol, f"gradients at step {k}")
+        assert scaled_error(m.train_step(x, y), o.train_step(x, y)) < tol, k
+        for j, (a, b) in enumerate(zip(m.get_weights(), o.get_weights(), strict=True)):
+            err = scaled_error(a, b, floor=weight_floor or 1e-300)
+            assert err < tol, (f"weights {j} after step {k}", err)
+    assert scaled_error(m.predict(xs[0]), o.predict(xs[0])) < tol
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("name,batch", VOCAB_CASES, ids=[f"{s}-b{b}" for s, b in VOCAB_CASES])
+def test_aligned_vocabulary_matches_the_oracle(backend, name, batch):
+    spec = VOCAB[name]
+    w = init_weights(spec, 4)
+    m, o = _mod(backend).Model(spec, w, BuildOptions(dtype="float64")), ref.Model(spec, w, BuildOptions())
+    xs, ys = _data(spec, steps=3, batch=batch, seed=1)
+    _lockstep(m, o, xs, ys)
+
+
+def test_same_padding_and_pool_windows_are_tfs():
+    """The shapes the spec's rules give (and so the oracle's): TF's 'SAME' at stride 2 pads (1, 1) on 5 and (0, 1) on
+    6 (the extra row at the bottom); a 'same' 3x3 average at stride 2 over 3x3 averages 4 values in the first window."""
+    from models.spec import same_padding
+
+    assert same_padding(5, 3, 2) == (1, 1) and same_padding(6, 3, 2) == (0, 1) and same_padding(3, 3, 2) == (1, 1)
+    assert VOCAB["conv_same_even"].shapes()[:4] == [(3, 3, 3), (3, 3, 3), (3, 3, 3), (2, 2, 3)]
+    import tensorflow as tf
+
+    x = np.arange(9.0).reshape(1, 3, 3, 1)
+    got = tf.nn.avg_pool2d(tf.constant(x), 3, 2, "SAME").numpy()[0, :, :, 0]
+    want = [[np.mean([0, 1, 3, 4]), np.mean([1, 2, 4, 5])], [np.mean([3, 4, 6, 7]), np.mean([4, 5, 7, 8])]]
+    assert np.array_equal(got, want)  # padded zeros are not counted
+
+
+# optimizer cases: every optimizer form, a schedule crossing a boundary (lr x0.5 every 2 updates) and clipping small
+# enough to bite (max norm 0.05; the gradients' norms are ~0.5-2 here), both scopes
+OPT_CASES = {
+    "sgd_accumulator": SGD(0.1, f32(0.9)),
+    "sgd_accumulator_nesterov": SGD(0.1, f32(0.9), nesterov=True),
+    "sgd_velocity": SGD(0.1, f32(0.9), momentum_form="velocity"),
+    "sgd_velocity_nesterov": SGD(0.1, f32(0.9), nesterov=True, momentum_form="velocity"),
+    "adam_schedule": Adam(f32(0.01)),
+    "rmsprop_inside": RMSprop(f32(0.01)),
+    "rmsprop_inside_v0": RMSprop(f32(0.01), initial_accumulator=f32(0.5)),
+    "rmsprop_outside": RMSprop(f32(0.01), epsilon=f32(1e-3), epsilon_inside_sqrt=False, initial_accumulator=f32(0.5)),
+    "adagrad_inside": Adagrad(f32(0.05)),
+    "adagrad_outside": Adagrad(f32(0.05), initial_accumulator=0.0, epsilon=f32(1e-3), epsilon_inside_sqrt=False),
+    "adagrad_no_epsilon": Adagrad(f32(0.05), epsilon=0.0),
+    "adamw_times_lr": AdamW(f32(0.01), weight_decay=f32(0.5)),
+    "adamw_no_lr": AdamW(f32(0.01), weight_decay=f32(0.02), decay_times_lr=False),
+    "adamw_eps_v_hat": AdamW(f32(0.01), epsilon=f32(1e-3), convention="eps_v_hat", weight_decay=f32(0.5)),
+}
+# what info["optimizer"] starts with: the built-in where it computes the spec, TF ops where it cannot
+OPT_IMPL = {
+    "tf2": {"sgd_accumulator": "hand-written", "sgd_accumulator_nesterov": "hand-written",
+            "sgd_velocity": "built-in keras.optimizers.SGD", "sgd_velocity_nesterov": "built-in keras.optimizers.SGD",
+            "adam_schedule": "built-in keras.optimizers.Adam", "rmsprop_inside": "built-in keras.optimizers.RMSprop",
+            "rmsprop_inside_v0": "hand-written", "rmsprop_outside": "hand-written",
+            "adagrad_inside": "built-in keras.optimizers.Adagrad", "adagrad_outside": "hand-written",
+            "adagrad_no_epsilon": "built-in keras.optimizers.Adagrad",
+            "adamw_times_lr": "built-in keras.optimizers.AdamW", "adamw_no_lr": "hand-written decay",
+            "adamw_eps_v_hat": "hand-written AdamW"},
+    "tf1": {"sgd_accumulator": "built-in tf.compat.v1.train.MomentumOptimizer",
+            "sgd_accumulator_nesterov": "built-in tf.compat.v1.train.MomentumOptimizer",
+            "sgd_velocity": "hand-written", "sgd_velocity_nesterov": "hand-written",
+            "adam_schedule": "built-in tf.compat.v1.train.AdamOptimizer",
+            "rmsprop_inside": "built-in tf.compat.v1.train.RMSPropOptimizer",
+            "rmsprop_inside_v0": "built-in tf.compat.v1.train.RMSPropOptimizer", "rmsprop_outside": "hand-written",
+            "adagrad_inside": "hand-written", "adagrad_outside": "hand-written",
+            "adagrad_no_epsilon": "built-in tf.compat.v1.train.AdagradOptimizer",
+            "adamw_times_lr": "hand-written decay", "adamw_no_lr": "hand-written decay",
+            "adamw_eps_v_hat": "hand-written decay"},
+}
+OPT_CLIP = {"sgd_accumulator": "global", "sgd_velocity_nesterov": "per_tensor", "rmsprop_inside": "per_tensor",
+            "adagrad_inside": "global", "adamw_times_lr": "per_tensor"}
+
+
+def _opt_spec(name):
+    clip = OPT_CLIP.get(name)
+    return _spec(f"opt_{name}", (5,), [Dense(3, "tanh"), Dense(2)], Loss("sse", "mean"), OPT_CASES[name]
+                 ).with_overrides(schedule=StepDecay(2, f32(0.5)), clip=clip and ClipNorm(f32(0.05), clip))
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("name", list(OPT_CASES))
+def test_aligned_optimizers_schedule_and_clip_match_the_oracle(backend, name):
+    spec = _opt_spec(name)
+    w = init_weights(spec, 2)
+    m, o = _mod(backend).Model(spec, w, BuildOptions(dtype="float64")), ref.Model(spec, w, BuildOptions())
+    assert m.info["optimizer"].startswith(OPT_IMPL[backend][name]), m.info["optimizer"]
+    xs, ys = _data(spec, steps=5, batch=4, seed=3)
+    if spec.clip is not None:  # the clip bites at the first step
+        g = o.gradients(xs[0], ys[0])[1]
+        norms = [np.sqrt(sum((a * a).sum() for a in g))] if spec.clip.scope == "global" else [
+            np.sqrt((a * a).sum()) for a in g]
+        assert min(norms) > 2 * spec.clip.max_norm, norms
+    # weights scaled by no less than the learning rate (a bias passing through zero must not make an ulp a failure)
+    _lockstep(m, o, xs, ys, weight_floor=float(spec.optimizer.lr))
