@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -322,6 +323,12 @@ def _head(job_dir: Path) -> dict:
         return {}
 
 
+# CPython 3.11 before 3.11.8 can raise "SystemError: AST constructor recursion depth mismatch" when two threads parse
+# at once (python/cpython#106905, fixed by #113035); np.load parses every array header with ast.literal_eval, and
+# `harness selftest` collects rows in threads (it failed that way once in the test suite): one header parse at a time.
+_NPZ_LOCK = threading.Lock()
+
+
 def _collect_one(job_dir: Path, base: dict, i: int, run: dict) -> Row:
     """The row of run ``i`` from what the worker wrote (its JSON and NPZ are removed once read)."""
     head = _head(job_dir)
@@ -333,7 +340,7 @@ def _collect_one(job_dir: Path, base: dict, i: int, run: dict) -> Row:
     arrays = None
     npz = job_dir / f"run-{i}.npz"
     if npz.exists():
-        with np.load(npz) as f:
+        with _NPZ_LOCK, np.load(npz) as f:
             arrays = {k: f[k] for k in f.files}
         npz.unlink()
     return Row(**fields, status=status, reason=reason, meta=meta, arrays=arrays)
