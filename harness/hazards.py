@@ -165,7 +165,8 @@ PROBES: tuple[Probe, ...] = (
           "step the scheduler per update (torch StepLR per batch, Keras ExponentialDecay(staircase=True))"),
     Probe("sum of squared errors written with the framework's loss", "loss_form",
           _mlp("sse_form", [Activation("tanh")], loss=Loss("sse", "sum"), optimizer=SGD(0.002)),
-          "torch: nn.MSELoss(reduction='sum') (the default 'mean' also divides by the outputs)"),
+          "Keras: a custom loss ops.sum(ops.square(y - out)) (MeanSquaredError means over the outputs and the "
+          "batch); torch: nn.MSELoss(reduction='sum')"),
     Probe("binary cross-entropy on sigmoid probabilities", "loss_form",
           _mlp("bce_form", [Activation("tanh")], out=1, loss=Loss("binary_crossentropy", "mean")),
           "from_logits=True / nn.BCEWithLogitsLoss: no clipping or clamping"),
