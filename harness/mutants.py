@@ -60,6 +60,8 @@ class Model(numpy_scratch.Model):
             raise Unsupported("bug float32_loss (float32 inside a float64 run) means nothing in a float32 run")
         if BUG in NEEDS and not NEEDS[BUG][1](spec):
             raise Unsupported(f"bug {BUG} needs {NEEDS[BUG][0]}")
+        if BUG == "bias_frozen" and not any(p.role == "bias" for _, _, p in spec.param_entries()):
+            raise Unsupported("bug bias_frozen needs a model with biases")
         if BUG == "bn_momentum_convention":
             layers = tuple(dataclasses.replace(layer, momentum=f32(1 - layer.momentum)) if layer.couples_batch else layer
                            for layer in spec.layers)

@@ -75,3 +75,10 @@ def test_batchnorm_and_dropout_bugs_are_caught_on_a_model_with_both():
     first = {r["bug"]: r["step"] for r in rows}
     assert first == {"bn_momentum_convention": 1, "predict_training_mode": 0, "dropout_unscaled": 0}
     assert not result["missed"]
+
+
+def test_a_bug_that_cannot_exist_in_a_model_is_not_applicable_not_missed():
+    """perceptron_or has no bias: a frozen bias computes the spec's very numbers there, so it is n/a, not a miss."""
+    result = run_selftest(["perceptron_or"], ["float64"], seeds=1, clean_backends=[], bug_seeds=1)
+    rows = [r for r in result["bugs"] if r["bug"] == "bias_frozen"]
+    assert rows and all(r["caught"] is None for r in rows) and not result["missed"]
