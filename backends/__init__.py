@@ -23,6 +23,7 @@ class BackendInfo:
     env: dict[str, str] = field(default_factory=dict)  # set in the backend's subprocess before anything is imported
     distributions: tuple[str, ...] = ()  # package names whose version is shown (first one installed wins)
     hint: str | None = None  # install command when there is no extra for it
+    path: str | None = None  # a user's own file (harness check / compare --backend-file), loaded from this path
 
 
 REGISTRY: dict[str, BackendInfo] = {
@@ -77,8 +78,39 @@ def plugins() -> dict[str, BackendInfo]:
     return out
 
 
+# A user's own implementation, loaded from its path (harness.usercode): registered in the parent by
+# ``register_file``; its worker subprocess finds it again through FILE_ENV, which the parent sets there (internal: a
+# user never sets it).
+FILE_ENV = "DLCOMPARE_BACKEND_FILE"
+_FILES: dict[str, BackendInfo] = {}
+
+
+def _file_info(name: str, path: str) -> BackendInfo:
+    return BackendInfo(name, "harness.usercode", (), None, f"your own file {os.path.basename(path)}",
+                       env={FILE_ENV: f"{name}={path}"}, hint=f"install what {os.path.basename(path)} imports",
+                       path=path)
+
+
+def register_file(name: str, path: str) -> BackendInfo:
+    """Register the user's file ``path`` as backend ``name`` (its stem) in this process; a name of a built-in backend
+    or a plugin is refused (rows are named by it)."""
+    if name in REGISTRY or name in plugins():
+        raise ValueError(f"backend name {name!r} (from {os.path.basename(path)}) is taken by a built-in backend or a "
+                         f"plugin; rename the file")
+    _FILES[name] = _file_info(name, str(path))
+    return _FILES[name]
+
+
+def file_backends() -> dict[str, BackendInfo]:
+    out = dict(_FILES)
+    name, sep, path = os.environ.get(FILE_ENV, "").partition("=")
+    if sep and name not in out:
+        out[name] = _file_info(name, path)
+    return out
+
+
 def all_backends() -> dict[str, BackendInfo]:
-    return {**REGISTRY, **plugins()}
+    return {**REGISTRY, **plugins(), **file_backends()}
 
 
 def get_info(name: str) -> BackendInfo:
@@ -113,5 +145,11 @@ def version(name: str) -> str | None:
 
 
 def load(name: str):
-    """Import and return the backend module (call inside the backend's own subprocess)."""
-    return importlib.import_module(get_info(name).module)
+    """Import and return the backend module (call inside the backend's own subprocess); a user's file is run from its
+    path and adapted to the backend contract (``harness.usercode.load_backend``)."""
+    info = get_info(name)
+    if info.path:
+        from harness.usercode import load_backend
+
+        return load_backend(info.path, name)
+    return importlib.import_module(info.module)

@@ -1,7 +1,10 @@
 """``harness``: a thin command line over functions that the tests call too.
 
 Exit codes: 0 every row is good (``harness.status.GOOD``: pass, skipped, or a native verdict); 1 a row is fail, error
-or diverged; 2 bad input; 130 interrupted.
+or diverged; 2 bad input; 130 interrupted.  ``harness check``: 0 every row of the user's file passed (some may be
+skipped, not all); 1 a row failed, diverged or is an error (an exception in the user's code, output of the wrong
+shape), or nothing was checked; 2 bad input found before any work (no such file, not a .py file, a name taken by a
+built-in backend, a syntax error, a required function missing, an unknown model or option); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -64,6 +67,55 @@ def _devices(text: str) -> list[str]:
     return [d.strip() for d in text.split(",") if d.strip()]
 
 
+def _register_files(paths: list[str]) -> dict:
+    """Read and register each user file (harness.usercode.inspect_file: bad input is a UserError before any work)."""
+    from . import usercode
+
+    taken = set(backends.REGISTRY) | set(backends.plugins())
+    files = {}
+    for p in paths:
+        uf = usercode.inspect_file(p, taken)
+        if uf.name in files:
+            raise UserError(f"{p} and {files[uf.name].shown} have the same name {uf.name!r}, and rows are named by the "
+                            f"file's stem; rename one of them")
+        backends.register_file(uf.name, str(uf.path))
+        files[uf.name] = uf
+    return files
+
+
+def _file_lines(record: dict, files: dict, shown: str = "") -> list[str]:
+    """Per user file: what was not checked, each error row's own traceback lines and hint, and where a failing row
+    parts with its probable causes (harness.diagnose; left out where ``shown``, the table printed, has them)."""
+    from .diagnose import format_diagnosis
+    from .usercode import describe_not_checked, error_lines
+
+    out = []
+    for name, uf in files.items():
+        rows = [r for r in record["rows"] if r["backend"] == name]
+        skipped: dict = {}
+        for r in rows:
+            skipped.update((r.get("meta") or {}).get("not_checked") or {})
+        out += [f"{uf.shown}: {line}" for line in describe_not_checked(skipped)]
+        errors: dict = {}
+        for r in rows:
+            ue = (r.get("meta") or {}).get("user_error")
+            if r["status"] == Status.ERROR and ue:
+                errors.setdefault(json_key(ue), (ue, []))[1].append(r["batch_size"])
+            elif r["status"] in (Status.FAIL, Status.DIVERGED, Status.ERROR):
+                out.append(f"{uf.shown}: {r['status']} at batch {r['batch_size']}: {r.get('reason')}")
+                out += [ln for ln in format_diagnosis(r.get("diagnosis")) if ln not in shown]
+        for ue, batches in errors.values():
+            out.append(f"{uf.shown}: error at batch {', '.join(map(str, batches))}:")
+            out += error_lines(ue, uf.shown)
+    return out
+
+
+def json_key(obj) -> str:
+    import json
+
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
 def cmd_compare(args) -> int:
     from .report import console_table
     from .results import check_writable, to_record, write_run
@@ -79,6 +131,8 @@ def cmd_compare(args) -> int:
     results_dir = Path(args.results_dir)
     backends_list = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else \
         list(backends.REGISTRY)
+    files = _register_files(args.backend_file or [])
+    backends_list += [name for name in files if name not in backends_list]
     cfg = runner.CompareConfig(
         model=args.model, backends=backends_list,
         batch_sizes=runner.parse_int_list(args.batch_sizes, "--batch-sizes") if args.batch_sizes else None,
@@ -86,18 +140,84 @@ def cmd_compare(args) -> int:
         init=args.init, dataset=args.dataset, data_dir=args.data_dir, check_every=args.check_every,
         timing=not args.no_timing, timeout=args.timeout, threads=args.threads, fast=args.fast,
         repeat=not args.no_repeat, timing_rounds=rounds)
-    runner.validate(cfg)
+    spec = runner.validate(cfg)
+    for uf in files.values():
+        uf.check_spec(spec)
     check_writable(results_dir)  # before any work starts
     result = runner.compare(cfg, progress=_progress)
     json_path, _ = write_run(result, results_dir)
     record = to_record(result, json_path.stem)
-    print(console_table(record))
+    table = console_table(record)
+    print(table)
+    lines = _file_lines(record, files, table)
+    if lines:
+        print("\n" + "\n".join(lines))
     print(f"\ndata: {record['data_source']}\nraw results: {json_path} (+ .npz)")
     if result["interrupted"]:
         print("interrupted: finished rows were saved; the partial one is marked 'interrupted'", file=sys.stderr)
         return 130
     bad = [r for r in record["rows"] if r["status"] not in GOOD]
     return 1 if bad else 0
+
+
+# ------------------------------------------------------------------------------------------------------------ check
+QUANTITY_WORDS = {"loss": "losses", "grads": "gradients", "weights": "weights", "state": "BatchNorm statistics",
+                  "pred": "predictions", "invariance/grads": "gradient batch-size invariance",
+                  "invariance/pred": "prediction batch-size invariance"}
+
+
+def cmd_check(args) -> int:
+    """One user file against the NumPy float64 oracle: the compare table of its rows, a verdict, what was not
+    checked, the user's own error lines or the probable causes of a failure; the raw record is a compare run's."""
+    from .report import console_table
+    from .results import check_writable, to_record, write_run
+
+    files = _register_files([args.file])
+    (uf,) = files.values()
+    cfg = runner.CompareConfig(
+        model=args.model, backends=[uf.name],
+        batch_sizes=runner.parse_int_list(args.batch_sizes, "--batch-sizes") if args.batch_sizes else None,
+        steps=args.steps, dtype=args.dtype, seed=args.seed, init=args.init, dataset=args.dataset,
+        data_dir=args.data_dir, check_every=args.check_every, timing=args.timing, timing_rounds=3,
+        timeout=args.timeout, threads=args.threads, repeat=not args.no_repeat)
+    spec = runner.validate(cfg)
+    uf.check_spec(spec)
+    results_dir = Path(args.results_dir)
+    check_writable(results_dir)  # before any work starts
+    result = runner.compare(cfg, progress=_progress)
+    json_path, _ = write_run(result, results_dir)
+    record = to_record(result, json_path.stem)
+    rows = [r for r in record["rows"] if r["backend"] == uf.name]
+    table = console_table({**record, "rows": rows})
+    print(table)
+    bad = [r for r in rows if r["status"] not in GOOD]
+    passed = [r for r in rows if r["status"] == Status.PASS]
+    where = (f"{spec.name} ({spec.dtype}, {cfg.steps} steps, batch sizes "
+             f"{', '.join(str(b) for b in sorted({r['batch_size'] for r in rows}))})")
+    if bad:
+        what = {Status.FAIL: "parts from the NumPy float64 oracle", Status.DIVERGED: "diverged (NaN or Inf)",
+                Status.ERROR: "raised an error or returned what the contract does not allow",
+                Status.INTERRUPTED: "was interrupted"}
+        found = [st for st in what if any(r["status"] == st for r in bad)]
+        verdict = (f"verdict: {'/'.join(map(str, found))}: {uf.shown} {' and '.join(what[st] for st in found)} on "
+                   f"{where}; details below")
+    elif passed:
+        compared = [w for q, w in QUANTITY_WORDS.items()
+                    if any(q in ((r.get("agreement") or {}).get("worst") or {}) for r in passed)]
+        verdict = (f"verdict: pass: {uf.shown} matches the NumPy float64 oracle on {where}: "
+                   f"{', '.join(compared)} within the rounding bound")
+    else:
+        verdict = ("verdict: not checked: every row was skipped ("
+                   + "; ".join(sorted({str(r.get('reason')) for r in rows})) + ")")
+    print("\n" + verdict)
+    lines = _file_lines(record, files, table)
+    if lines:
+        print("\n".join(lines))
+    print(f"raw results: {json_path} (+ .npz)")
+    if result["interrupted"]:
+        print("interrupted: finished rows were saved; the partial one is marked 'interrupted'", file=sys.stderr)
+        return 130
+    return 1 if bad or not passed else 0
 
 
 # ------------------------------------------------------------------------------------------------------------ train
@@ -307,8 +427,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="preset: 200 steps, 10 timed rounds")
     p.add_argument("--timeout", type=float, default=runner.CompareConfig.timeout,
                    help="seconds per backend subprocess, > 0 (default 900)")
+    p.add_argument("--backend-file", action="append", metavar="FILE",
+                   help="also compare your own implementation in FILE (a .py file with the minimal contract or a "
+                        "class Model; see `harness check --help`), named by its stem; repeat the option for more "
+                        "files")
     p.add_argument("--results-dir", default=str(_default_results()), help="where raw results and tables go")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "check", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="check your own implementation (a .py file) against the NumPy float64 oracle",
+        description="Check your own implementation of a model against the NumPy float64 oracle: the same initial\n"
+                    "weights and batches; losses, gradients, weights and predictions compared step by step.",
+        epilog="""FILE defines either a class Model (the full backend contract, backends/base.py) or these
+module-level functions (the minimal contract; examples/my_backprop.py is a complete one):
+
+  init(spec, weights)      the spec and the initial weights: arrays in spec.param_names() order,
+                           canonical layout (Dense kernel (in, out), bias (out,)), in the run's dtype
+  train_step(x, y)         one update on the batch; returns the loss before the update
+  get_weights()            the current weights, same order and layout
+  gradients(x, y)          optional: (loss, grads) at the current weights, no update
+  predict(x)               optional: the network's output (inference mode)
+  get_state()              optional: BatchNorm's moving statistics (spec.state_names() order)
+
+A missing optional function means fewer checks (the output says which). A model with Dropout
+passes the harness's masks as a third argument: train_step(x, y, masks), gradients(x, y, masks).
+The rows are named by the file's stem and written to the results like a compare run's.
+
+exit codes: 0 every row passed; 1 a row failed, diverged or is an error (an exception in your
+code, output of the wrong shape), or nothing was checked; 2 bad input found before any work
+(no such file, not a .py file, a built-in backend's name, a syntax error, a required function
+missing, an unknown model or option); 130 interrupted.""")
+    p.add_argument("file", metavar="FILE", help="your implementation, e.g. examples/my_backprop.py")
+    p.add_argument("--model", required=True, help=f"the network FILE implements: one of {', '.join(MODELS)}; or a "
+                                                  f"model file defining SPEC = ModelSpec(...)")
+    p.add_argument("--dtype", help="float32 or float64 (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the batch order")
+    p.add_argument("--steps", type=int, default=runner.DEFAULT_STEPS, help="training steps compared per batch size")
+    p.add_argument("--batch-sizes", help="comma-separated, e.g. 1,3 (default: the model's)")
+    p.add_argument("--check-every", type=int, default=10, help="compare gradients every k-th step")
+    p.add_argument("--init", help="override the initializer: glorot, normal or uniform")
+    p.add_argument("--dataset", help=f"override the data set: {', '.join(DATASETS)}")
+    p.add_argument("--data-dir", help="where to look for data first")
+    p.add_argument("--threads", type=int, help="intra-op threads, at least 1")
+    p.add_argument("--timing", action="store_true", help="also time the training steps (off by default)")
+    p.add_argument("--no-repeat", action="store_true", help="skip the determinism replay (which runs init() again)")
+    p.add_argument("--timeout", type=float, default=runner.CompareConfig.timeout,
+                   help="seconds for your file's subprocess, > 0 (default 900)")
+    p.add_argument("--results-dir", default=str(_default_results()), help="where the raw results go")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("train", help="full training of one backend, with per-epoch loss and accuracy")
     _common(p)

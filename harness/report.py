@@ -176,9 +176,30 @@ SPEED_HEADERS = ["backend", "dtype", "device", "batch", "ms/step (median ± IQR)
                  "peak RSS / GPU MB", "x fastest"]
 
 
+def diagnosis_lines(rows: list[dict], markdown: bool = False) -> list[str]:
+    """Per failing or diverged row with a diagnosis (harness/diagnose.py): its probable causes and their evidence."""
+    from .diagnose import format_diagnosis
+
+    out = []
+    for r in rows:
+        if not r.get("diagnosis"):
+            continue
+        head = f"{label(r)} {r['dtype']} {r['mode']} {r['device']} batch {r['batch_size']} ({r['status']})"
+        lines = format_diagnosis(r["diagnosis"])
+        if markdown:
+            out += [f"- **{head}**", *(f"  {ln.strip()}" if ln.startswith("    ") else f"  - {ln.strip()}"
+                                       for ln in lines)]
+        else:
+            out += [head, *lines]
+    return out
+
+
 def console_table(record: dict) -> str:
     rows = sorted(record["rows"], key=lambda r: (r["batch_size"], r["device"], r["backend"]))
     text = agreement_table(rows, "simple")
+    diag = diagnosis_lines(rows)
+    if diag:
+        text += "\n\nWhy: named hypotheses tested against the oracle (harness/diagnose.py)\n" + "\n".join(diag)
     nat = native_table(rows, "simple")
     if nat:
         text += "\n\nDefaults audit (native mode vs the spec)\n" + nat
@@ -242,6 +263,12 @@ def model_markdown(model: str, records: list[dict]) -> str | None:
     lines.append(agreement_table(rows, "github"))
     if absent:
         lines += ["", "Backends with no row in any run: " + ", ".join(f"`{b}` (not run)" for b in absent) + "."]
+    diag = diagnosis_lines(rows, markdown=True)
+    if diag:
+        lines += ["", "## Why the failing rows fail", "",
+                  "Named hypotheses (the mistakes real ports make) tested against the NumPy oracle rerun with each "
+                  "change (`harness/diagnose.py`); a cause *explains* a row when every check lies within its bound of "
+                  "the changed oracle. The diagnosis never changes a verdict.", "", *diag]
     nat = native_table(rows, "github")
     if nat:
         lines += ["", "## Defaults audit (`--mode native`)", "",

@@ -477,7 +477,11 @@ def judge(spec: ModelSpec, row: Row, oracle: Oracle, job: Job | None = None) -> 
     arrays = row.get("arrays", {})
     nonfinite = agreement.first_nonfinite(spec, arrays) if row["status"] in (Status.OK, Status.DIVERGED) else None
     if row["status"] == Status.DIVERGED or nonfinite:
-        return row.but(status=Status.DIVERGED, reason=nonfinite or row.get("reason"))
+        ref = oracle.reference(row)
+        diagnosis = (diagnose_row(spec, row, ref, job, []) if job is not None and ref is not None and arrays
+                     and row["mode"] == "aligned" else None)
+        return row.but(status=Status.DIVERGED, reason=nonfinite or row.get("reason"),
+                       **({"diagnosis": diagnosis} if diagnosis else {}))
     if row["status"] != Status.OK:
         return row
     ref = oracle.reference(row)
@@ -519,6 +523,8 @@ def judge(spec: ModelSpec, row: Row, oracle: Oracle, job: Job | None = None) -> 
                   "not_comparable": ("trajectories (loss, gradients, weights, state, final predictions): framework "
                                      "RNG draws the Dropout masks; compared: inference-mode predictions at the "
                                      "initial weights") if untracked else None}
+    if status == Status.FAIL and job is not None and not untracked:  # why, not only where (harness/diagnose.py)
+        native["diagnosis"] = diagnose_row(spec, row, ref, job, [c.as_dict() for c in checks if c.ok is False])
     meta = row.get("meta") or {}
     if job is not None and meta.get("timing"):  # an epoch = the full batches of the training set
         epoch_s = meta["timing"]["median_s"] * (len(job.data["x"]) // row["batch_size"])
@@ -526,6 +532,18 @@ def judge(spec: ModelSpec, row: Row, oracle: Oracle, job: Job | None = None) -> 
     return row.but(status=status, reason=reason, agreement=summary, meta=meta or row.meta,
                    checks=tuple(c.as_dict() for c in checks if c.ok is False)[:50],  # the failing ones
                    **native)
+
+
+def diagnose_row(spec: ModelSpec, row: Row, ref: agreement.Reference, job: Job, failing: list[dict]) -> dict:
+    """The diagnosis of a failing or diverged row (``harness.diagnose``): the named hypotheses that explain it, tested
+    against the oracle rerun in this process; a diagnosis that cannot be made says why, never fails the run."""
+    from . import diagnose
+
+    try:
+        init = [job.data[f"seed{row.get('seed')}/w/{j}"] for j in range(len(spec.param_names()))]
+        return diagnose.diagnose(spec, row, ref, job.data, init, failing)
+    except Exception as e:  # noqa: BLE001 - the verdict stands; the diagnosis says what went wrong
+        return {"error": f"{type(e).__name__}: {e}", "probable": []}
 
 
 def compare(cfg: CompareConfig, progress: Callable[[str], None] = lambda s: None) -> dict:

@@ -26,7 +26,7 @@ import numpy as np
 import backends
 
 from . import agreement
-from .mutants import BUGS, IDENTICAL_AT
+from .mutants import BUGS, CAUSE, IDENTICAL_AT
 from .rows import Row
 from .runner import CompareConfig, UserError, judge, prepare, run_backend, run_oracle, span, validate
 from .status import Status
@@ -76,7 +76,20 @@ def _summary(row: Row) -> dict:
             "worst_ratio_by": agr.get("worst_ratio"), "worst_ratio_early": agr.get("worst_ratio_early"),
             "step": first["step"] if first else None, "quantity": first["quantity"] if first else None,
             "tensor": first["tensor"] if first else None, "ratio": first["ratio"] if first else None,
-            "optimizer": (((row.get("meta") or {}).get("info") or {}).get("optimizer"))}
+            "optimizer": (((row.get("meta") or {}).get("info") or {}).get("optimizer")),
+            "diagnosis": _diagnosis_summary(row.get("diagnosis"))}
+
+
+def _diagnosis_summary(diagnosis: dict | None) -> dict | None:
+    """What a sweep keeps of a row's diagnosis: the causes in order, whether the first explains the row, its line."""
+    from .diagnose import summary
+
+    if diagnosis is None:
+        return None
+    probable = diagnosis.get("probable") or []
+    return {"causes": [d["cause"] for d in probable], "explains": bool(probable and probable[0]["explains"]),
+            "line": summary(diagnosis), "error": diagnosis.get("error"), "reruns": diagnosis.get("reruns"),
+            "seconds": diagnosis.get("seconds")}
 
 
 def _bug_summary(r: dict) -> dict:
@@ -89,7 +102,11 @@ def _bug_summary(r: dict) -> dict:
     status, reason = (Status.SKIPPED, why) if why else (r["status"], r["reason"])
     caught = None if status == Status.SKIPPED else (
         status == Status.DIVERGED or (status == Status.FAIL and r["step"] <= CATCH_WITHIN))
-    return {**r, "bug": bug, "status": status, "reason": reason, "caught": caught}
+    # named correctly: the diagnosis's first cause is the bug's own (harness.mutants.CAUSE); None where not caught
+    causes = (r.get("diagnosis") or {}).get("causes") or []
+    named = None if not caught else bool(causes and causes[0] == CAUSE[bug])
+    return {**r, "bug": bug, "status": status, "reason": reason, "caught": caught, "named": named,
+            "expected_cause": CAUSE[bug]}
 
 
 def sweep(model: str, backend_names: list[str], seeds: list[int], dtype: str, steps: int = 12,
@@ -182,10 +199,13 @@ def run_selftest(models: list[str], dtypes: list[str], seeds: int = 5, steps: in
     false_alarms = [r for r in clean_rows if r["status"] in (Status.FAIL, Status.DIVERGED)]
     errors = [r for r in clean_rows if r["status"] not in (Status.PASS, Status.SKIPPED, Status.FAIL, Status.DIVERGED)]
     missed = [r for r in bug_rows if r["caught"] is False]
+    misnamed = [r for r in bug_rows if r.get("named") is False]
+    diagnosed_clean = [r for r in clean_rows if r.get("diagnosis") and r["status"] == Status.PASS]
     return {"kind": "selftest", "models": models, "dtypes": dtypes, "seeds": seeds, "bug_seeds": bug_seeds,
             "steps": steps, "catch_within": CATCH_WITHIN, "backends": clean_backends, "clean": clean_rows,
-            "bugs": bug_rows, "false_alarms": false_alarms, "errors": errors, "missed": missed,
-            "duration_s": time.time() - started, "ok": not missed and not false_alarms and not errors}
+            "bugs": bug_rows, "false_alarms": false_alarms, "errors": errors, "missed": missed, "misnamed": misnamed,
+            "duration_s": time.time() - started,
+            "ok": not missed and not misnamed and not false_alarms and not errors and not diagnosed_clean}
 
 
 def format_selftest(result: dict, tablefmt: str = "simple") -> str:
@@ -213,7 +233,8 @@ def format_selftest(result: dict, tablefmt: str = "simple") -> str:
         seeds = {m: len({r["seed"] for r in clean if r["model"] == m}) for m in result["models"]}
         per_model = ", ".join(f"{m} {n} seeds" for m, n in seeds.items())
         lines.append(f"\nfalse alarms: {n_fa} of {n_run} clean rows ({per_model}; {', '.join(result['dtypes'])}; "
-                     f"both batch sizes); errors: {len(result['errors'])}")
+                     f"both batch sizes); errors: {len(result['errors'])}; clean rows with a diagnosis: "
+                     f"{sum(bool(r.get('diagnosis')) for r in clean if r['status'] == Status.PASS)}")
         for r in result["false_alarms"] + result["errors"]:
             lines.append(f"  {r['status'].upper()} {r['model']} {r['dtype']} {r['backend']} seed {r['seed']} batch "
                          f"{r['batch_size']}: {r['reason']}")
@@ -234,9 +255,11 @@ def format_selftest(result: dict, tablefmt: str = "simple") -> str:
                 caught = [r for r in applicable if r["caught"]]
                 steps = [r["step"] for r in caught if r["step"] is not None]
                 row.append(f"{len(caught)}/{len(applicable)}" + (f" (step {min(steps)}-{max(steps)})" if steps else ""))
+                named = [r for r in caught if r.get("named")]
+                row.append(f"{len(named)}/{len(caught)}" if caught else "-")
             table.append(row)
-    lines.append("\n" + tabulate(table, headers=["planted bug", "dtype", "caught at batch 1", "caught at batch N"],
-                                 tablefmt=tablefmt))
+    lines.append("\n" + tabulate(table, headers=["planted bug", "dtype", "caught at batch 1", "named correctly",
+                                                 "caught at batch N", "named correctly"], tablefmt=tablefmt))
     applicable = [r for r in result["bugs"] if r["caught"] is not None]
     by_dtype = {dt: [r for r in applicable if r["dtype"] == dt] for dt in result["dtypes"]}
     lines.append("\ncatch rate within {} steps: ".format(result["catch_within"]) + "; ".join(
@@ -244,7 +267,17 @@ def format_selftest(result: dict, tablefmt: str = "simple") -> str:
     for r in result["missed"]:
         lines.append(f"  MISSED {r['bug']} {r['model']} {r['dtype']} seed {r['seed']} batch {r['batch_size']}: "
                      f"{r['status']}: {r['reason']}")
-    lines.append(f"\nplanted bugs caught: {sum(r['caught'] for r in applicable)}/{len(applicable)}")
+    caught_rows = [r for r in applicable if r["caught"]]
+    lines.append("named correctly (the diagnosis's first cause is the bug's own): " + "; ".join(
+        f"{dt} {sum(bool(r.get('named')) for r in rs if r['caught'])}/{sum(bool(r['caught']) for r in rs)}"
+        for dt, rs in by_dtype.items()))
+    for r in caught_rows:
+        if r.get("named") is False:
+            d = r.get("diagnosis") or {}
+            lines.append(f"  MISNAMED {r['bug']} {r['model']} {r['dtype']} seed {r['seed']} batch {r['batch_size']}: "
+                         f"expected {r['expected_cause']}, diagnosed {d.get('line') or d.get('error') or 'nothing'}")
+    lines.append(f"\nplanted bugs caught: {len(caught_rows)}/{len(applicable)}; named correctly: "
+                 f"{sum(bool(r.get('named')) for r in caught_rows)}/{len(caught_rows)}")
     return "\n".join(lines)
 
 
@@ -261,7 +294,7 @@ def _record(result: dict) -> dict:
             "machine": machine(), "versions": {b: backends.version(b) for b in names if b in backends.REGISTRY},
             "policy": {dt: {"early_multiple": p.early_multiple, "late_multiple": p.late_multiple,
                             "floor_ulps": p.floor_ulps} for dt, p in POLICY.items()},
-            **{k: v for k, v in result.items() if k not in ("false_alarms", "errors", "missed")}}
+            **{k: v for k, v in result.items() if k not in ("false_alarms", "errors", "missed", "misnamed")}}
 
 
 def merge_sweeps(records: list[dict], calibration: bool = False) -> dict | None:

@@ -69,17 +69,24 @@ def run_one(mod, spec, weights, data, run: dict, options) -> tuple[dict, dict]:
     model = mod.Model(spec, weights, opts)
     model.sync()
     meta["build_s"] = time.perf_counter() - t0
-    arrays["pred_init"] = np.asarray(model.predict(probe_x), dtype=np.float64)
+    # what a model cannot give (a user's file without gradients() or predict(): harness.usercode) is never asked for;
+    # the agreement engine compares what is there
+    skip = dict(getattr(model, "not_checked", None) or {})
+    if skip:
+        meta["not_checked"] = skip
+    has_grads, has_pred = "gradients" not in skip, "predictions" not in skip
+    if has_pred:
+        arrays["pred_init"] = np.asarray(model.predict(probe_x), dtype=np.float64)
 
     # batch-size invariance at the initial weights, on the first INVARIANCE_SAMPLES samples of the first batch (the
     # property does not depend on how many; one call per sample would dominate a long sweep): per-sample gradients
     # reduced per the spec vs that sub-batch's gradient, batch-1 predictions vs the rows of the batch prediction
     x0, y0 = _batch(data, order, 0, dtype, il)
-    k = min(len(x0), INVARIANCE_SAMPLES)
+    k = min(len(x0), INVARIANCE_SAMPLES) if run.get("invariance", True) else 0  # the diagnosis's reruns skip it
     coupled = invariance_exemption(spec)
     if coupled:
         meta["invariance_grads_skipped"] = coupled
-    if k > 1 and not coupled:
+    if k > 1 and not coupled and has_grads:
         per = [model.gradients(x0[i : i + 1], y0[i : i + 1])[1] for i in range(k)]
         combined = [np.sum([np.asarray(p[j], np.float64) for p in per], axis=0) for j in range(len(weights))]
         if spec.loss.reduction == "mean":
@@ -88,7 +95,7 @@ def run_one(mod, spec, weights, data, run: dict, options) -> tuple[dict, dict]:
         for j, (c, g) in enumerate(zip(combined, batch)):
             arrays[f"inv_grad/{j}"] = c
             arrays[f"inv_batch_grad/{j}"] = np.array(g, np.float64)
-    if k > 1:  # inference mode holds for every layer: a prediction never depends on the rest of its batch
+    if k > 1 and has_pred:  # inference mode holds for every layer: a prediction never depends on the rest of its batch
         rows = [np.asarray(model.predict(probe_x[i : i + 1]), np.float64) for i in range(k)]
         arrays["inv_pred_rows"] = np.concatenate(rows)
 
@@ -117,16 +124,17 @@ def run_one(mod, spec, weights, data, run: dict, options) -> tuple[dict, dict]:
                 arrays[f"weights/{mark}/{j}"] = np.array(w, np.float64)  # copy: a backend may hand out views
             for j, w in enumerate(model.get_state()):
                 arrays[f"state/{mark}/{j}"] = np.array(w, np.float64)
-        if mark in grad_steps and mark < steps:
+        if mark in grad_steps and mark < steps and has_grads:
             loss, grads = model.gradients(*_batch(data, order, mark, dtype, il))
             arrays[f"grad_loss/{mark}"] = np.float64(loss)
             for j, g in enumerate(grads):
                 arrays[f"grads/{mark}/{j}"] = np.array(g, np.float64)
     arrays["losses"] = losses[:done]
     meta["steps_done"] = done
+    if has_pred:  # before the replay: a user's module-level state belongs to the newest model built
+        arrays["pred_final"] = np.asarray(model.predict(probe_x), dtype=np.float64)
     if run.get("repeat") and done == steps:
         meta["determinism"] = repeat_check(mod, spec, weights, data, order, marks, opts, arrays, steps)
-    arrays["pred_final"] = np.asarray(model.predict(probe_x), dtype=np.float64)
     meta["segments"] = step_times
     meta["info"] = getattr(model, "info", {})
 
@@ -237,11 +245,23 @@ def main(argv: list[str] | None = None) -> int:
 
     head = {"backend": job["backend"], "python": platform.python_version(), "pid": os.getpid(),
             "env": environment_flags()}
+    user_file = backends.get_info(job["backend"]).path  # a user's own file (harness.usercode), else None
     try:
         mod = backends.load(job["backend"])
         head["version"] = mod.probe()
         head["devices"] = mod.devices()
-    except ImportError as e:
+    except Exception as e:
+        if user_file:  # an error in the user's file as it loads: every run is an error row with the user's lines
+            from harness.usercode import error_meta
+
+            _atomic_write_json(status_path, head)
+            meta = error_meta(e, user_file)
+            for i, run in enumerate(job["runs"]):
+                _atomic_write_json(job_dir / f"run-{i}.json", {**meta, "batch_size": run["batch_size"],
+                                                               "device": run["device"], "seed": run["seed"]})
+            return 0
+        if not isinstance(e, ImportError):
+            raise
         head.update(status=Status.SKIPPED, reason=f"not installed ({e}); {backends.install_hint(job['backend'])}")
         _atomic_write_json(status_path, head)
         return 0
@@ -274,7 +294,13 @@ def main(argv: list[str] | None = None) -> int:
             arrays, meta = {}, {"status": Status.SKIPPED, "reason": str(e)}
         except Exception as e:  # a crashing backend becomes an error row, never a crash of the harness
             arrays = {}
-            meta = {"status": Status.ERROR, "reason": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            if user_file:  # the user's own lines, the exception and a hint, not the harness's frames
+                from harness.usercode import error_meta
+
+                meta = error_meta(e, user_file, spec, run["batch_size"])
+            else:
+                meta = {"status": Status.ERROR, "reason": f"{type(e).__name__}: {e}",
+                        "traceback": traceback.format_exc()}
         meta.update(batch_size=run["batch_size"], device=run["device"], seed=run["seed"])
         if arrays:
             _atomic_write_npz(out.with_suffix(".npz"), arrays)
