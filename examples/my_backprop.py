@@ -27,7 +27,8 @@ def init(spec, weights):
     global W1, b1, W2, b2, lr
     n_in, n_hidden, n_out = spec.input_shape[0], spec.layers[0].units, spec.layers[1].units
     W1, b1, W2, b2 = (np.array(w) for w in weights)  # copies, in the run's dtype (float64 unless --dtype float32)
-    assert W1.shape == (n_in, n_hidden) and W2.shape == (n_hidden, n_out)  # a kernel is (in, out): x @ W
+    if W1.shape != (n_in, n_hidden) or W2.shape != (n_hidden, n_out):  # a kernel is (in, out): x @ W
+        raise ValueError(f"kernels of shapes {W1.shape}, {W2.shape}; expected {(n_in, n_hidden)}, {(n_hidden, n_out)}")
     lr = spec.optimizer.lr  # SGD(lr=0.1)
 
 

@@ -921,7 +921,7 @@ def _rank(worst: float, mean: float) -> tuple:
 
 
 def _evidence(r: dict, base_worst: float, horizon: int) -> str:
-    span = f"steps 0-{horizon}"
+    span = f"the first {horizon} step{'s' if horizon > 1 else ''}"
     if r["explains"]:
         how = (f"the oracle with this change matches the row within the {r['bounds']} bounds over {span} "
                f"({r['checks']} checks, worst {r['worst']:.2g}x its bound; the spec itself: {base_worst:.3g}x)")

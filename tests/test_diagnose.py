@@ -104,3 +104,32 @@ def test_every_planted_bug_has_a_hypothesis():
 
     assert set(CAUSE) == set(BUGS)
     assert set(CAUSE.values()) <= set(diagnose.BY_ID), set(CAUSE.values()) - set(diagnose.BY_ID)
+
+
+WALKTHROUGH = [  # the README's walk-through: (the template's line, the planted mistake, what the diagnosis says)
+    ("    d_out = 2 * (out - y)", "    d_out = (out - y)",
+     "probable cause: the gradient 0.5 times the spec's, the loss right"),
+    ("    lr = spec.optimizer.lr", "    lr = 2 * spec.optimizer.lr", "probable cause: learning rate 0.2 where the spec says 0.1"),
+    ("W1, b1, W2, b2 = W1 - lr * dW1, b1 - lr * db1, W2 - lr * dW2, b2 - lr * db2",
+     "W1, b1, W2 = W1 - lr * dW1, b1 - lr * db1, W2 - lr * dW2", "probable cause: dense1/bias never updated"),
+    ("    d_z2 = d_out * out * (1 - out)", "    d_z2 = d_out", "closest: "),
+]
+
+
+@pytest.mark.parametrize("line, mistake, said", WALKTHROUGH)
+def test_the_readme_walkthrough(tmp_path, capsys, line, mistake, said):
+    """Each mistake the README plants in examples/my_backprop.py fails and reads as the README says."""
+    from pathlib import Path
+
+    from harness.cli import main
+
+    src = (Path(__file__).resolve().parent.parent / "examples" / "my_backprop.py").read_text()
+    assert src.count(line) == 1
+    (tmp_path / "my_backprop.py").write_text(src.replace(line, mistake))
+    code = main(["check", str(tmp_path / "my_backprop.py"), "--model", "mlp_431",
+                 "--results-dir", str(tmp_path / "results")])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert said in out, out
+    if said.startswith("closest"):
+        assert "probable cause" not in out
