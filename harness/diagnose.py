@@ -44,9 +44,10 @@ from models.spec import Adam, AdamW, BatchNorm, Conv2D, Dense, Flatten, ModelSpe
 from . import agreement
 
 MIN_HORIZON = 11  # rerun at least steps 0..10: the row's weights after 10 updates tell growing changes from constant
-IMPROVEMENT = 10.0  # a hypothesis that does not explain the row is reported when it cuts the worst error this much
+IMPROVEMENT = 3.0  # a hypothesis that does not explain the row is reported when it cuts the worst error this much
 MAX_RERUNS = 48  # per row: the candidates beyond it are not tried (said in the diagnosis)
 SHOWN = 3
+CLOSEST = 6  # where nothing explains a row, the closest candidates of the short first stage run again in full
 
 
 # --------------------------------------------------------------------------------------------- the changed oracle
@@ -521,7 +522,7 @@ def _stale_state(ctx):
     names = {"v": "second moment", "m": "first moment", "mv": "moments"}
     out = []
     for k in (1, 2, 3):
-        for which in ("v", "m", "mv"):
+        for which in ("v", "mv"):
             out.append(Candidate(f"Adam's {names[which]} not written back after update {k} (each update computes "
                                  f"from the stale state)", {"adam": {"after": k, "which": which, "kind": "not_stored"}}))
         out.append(Candidate(f"Adam's second moment frozen after update {k}",
@@ -545,7 +546,7 @@ def _lr_schedule(ctx):
     out = []
     for h in HALF_LIVES:
         g = 0.5 ** (1 / h)
-        for as_f32 in (True,) if rounded_only else (False, True):
+        for as_f32 in (True,) if rounded_only else (False,):  # float32-rounded rates: the refinement tries them
             out.append(Candidate(f"a learning-rate decay left on: lr * {g:.6g}^t (halves every {h} updates"
                                  + (", each rate rounded to float32)" if as_f32 else ")"),
                                  {"decay": g, "decay_f32": as_f32}))
@@ -816,11 +817,17 @@ def diagnose(spec: ModelSpec, row: dict, ref: agreement.Reference, data: dict, i
     scored = evaluate(queue, short)
     if short < horizon:
         survivors = [item for r, item in scored if r["worst"] <= 1]
-        rest_items = [item for r, item in scored if r["worst"] > 1]
+        first_stage = scored
         scored = evaluate(survivors, horizon) if survivors else []
-        if not any(r["worst"] <= 1 for r, _ in scored):  # nothing explains it: every candidate over the whole horizon,
-            scored += evaluate(rest_items, horizon)  # so that the closest ones are compared on the same checks
-    scored += _refine_schedule(scored, evaluate, horizon)
+        if not any(r["worst"] <= 1 for r, _ in scored):
+            # nothing explains it: the closest few of stage 1 (and a refined schedule) over the whole horizon, so that
+            # the closest ones are compared on the same checks
+            first_stage = first_stage + _refine_schedule(first_stage, evaluate, short, force=True)
+            again = [item for r, item in sorted(first_stage, key=lambda x: _rank(x[0]["worst"], x[0]["mean"]))
+                     if item not in survivors][:CLOSEST]
+            scored += evaluate(again, horizon)
+    else:
+        scored += _refine_schedule(scored, evaluate, horizon)
     best: dict[str, dict] = {}
     for r, _ in scored:
         if r["cause"] not in best or _rank(r["worst"], r["mean"]) < _rank(best[r["cause"]]["worst"],
@@ -854,11 +861,12 @@ def diagnose(spec: ModelSpec, row: dict, ref: agreement.Reference, data: dict, i
             "seconds": round(time.perf_counter() - started, 3)}
 
 
-def _refine_schedule(scored: list, evaluate, horizon: int, rounds: int = 8) -> list:
+def _refine_schedule(scored: list, evaluate, horizon: int, rounds: int = 8, force: bool = False) -> list:
     """A decay rate between the grid's half-lives: golden-section search on log(half-life) around the best grid point
-    of the lr_schedule hypothesis, where it does not explain the row yet."""
+    of the lr_schedule hypothesis, where it does not explain the row yet (``force``: even where a candidate explains
+    these steps: the first stage's short horizon, whose explanations did not hold over the whole one)."""
     sched = [(r, item) for r, item in scored if r["cause"] == "lr_schedule" and r["horizon"] == horizon]
-    if not sched or any(r["worst"] <= 1 for r, _ in scored):
+    if not sched or (not force and any(r["worst"] <= 1 for r, _ in scored)):
         return []
     # the objective is the loss's typical error: a smooth function of the rate (a gradient after a ReLU switch is not)
     r0, (hyp, cand0) = min(sched, key=lambda x: x[0]["loss_mean"])
@@ -876,7 +884,7 @@ def _refine_schedule(scored: list, evaluate, horizon: int, rounds: int = 8) -> l
                          {"decay": g, "decay_f32": as_f32})
         res = evaluate([(hyp, cand)], horizon)
         out.extend(res)
-        if res and res[0][0]["worst"] <= 1:
+        if res and res[0][0]["worst"] <= 1 and not force:
             return -1.0
         return res[0][0]["loss_mean"] if res else float("inf")
 
@@ -893,7 +901,7 @@ def _refine_schedule(scored: list, evaluate, horizon: int, rounds: int = 8) -> l
             a, c, fc = c, d, fd
             d = a + phi * (b - a)
             fd = at(d)
-        if min(fc, fd) < 0:  # explains the row
+        if min(fc, fd) < 0 and not force:  # explains the row
             return out
     # a typed schedule is exact: the (rate, decay_steps) of ExponentialDecay nearest the estimate, tried as written
     h_est = math.exp(c if fc <= fd else d)
