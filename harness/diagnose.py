@@ -727,9 +727,10 @@ def _local_gradients(spec: ModelSpec, knobs: dict, row_obs: dict, data: dict, se
 
 
 def measure(ref: agreement.Reference, row_obs: dict, target: dict, dtype: str | None = None,
-            keys=None, allowance: dict | None = None, alt: dict | None = None) -> tuple[float, float, float, int]:
+            keys=None, allowance: dict | None = None, alt: dict | None = None,
+            beyond: list | None = None) -> tuple[float, float, float, int]:
     """(worst, mean) error of the row against ``target`` in units of ``ref``'s bounds over their common checks, the
-    largest scaled error, and the number of checks."""
+    largest scaled error, and the number of checks; ``beyond`` (a list) collects the keys beyond their bound."""
     dtype = dtype or ref.dtype
     ratios, scaled = [], 0.0
     for k in keys if keys is not None else target:
@@ -744,6 +745,8 @@ def measure(ref: agreement.Reference, row_obs: dict, target: dict, dtype: str | 
             excess = np.sign(diff) * np.maximum(np.abs(diff) - allowance[k], 0.0)
             u = min(u, _units(target[k] + excess, target[k], dtype, ref.floors[k]))
         ratios.append(u / bound if bound > 0 else (0.0 if u == 0 else float("inf")))
+        if beyond is not None and ratios[-1] > 1:
+            beyond.append(k)
         scaled = max(scaled, agreement.scaled_error(row_obs[k], target[k])[0])
     if not ratios:
         return float("inf"), float("inf"), float("inf"), 0
@@ -825,9 +828,12 @@ def diagnose(spec: ModelSpec, row: dict, ref: agreement.Reference, data: dict, i
             except Exception as e:  # noqa: BLE001 - a candidate that cannot run is said, never a crash
                 skipped.append(f"{hyp.id}: {cand.label}: {type(e).__name__}: {e}")
                 continue
-            worst, mean, scaled, n = measure(ref, row_obs, target, keys=ks)
-            if worst > 1:  # judged as the verdict judges: Adam's first step near a zero gradient, and a gradient
-                # after step 0 where it was computed, at the row's own weights (agreement.local_gradient_checks)
+            beyond: list = []
+            worst, mean, scaled, n = measure(ref, row_obs, target, keys=ks, beyond=beyond)
+            if beyond and all(k in ((("weights", 1, k[2]),)) or (k[0] == "grads" and k[1] >= 1) for k in beyond):
+                # judged as the verdict judges: Adam's first step near a zero gradient, and a gradient after step 0
+                # where it was computed, at the row's own weights (agreement.local_gradient_checks); only where those
+                # are the only checks beyond their bound (elsewhere the candidate cannot explain the row anyway)
                 allowance = first_update_allowance(cand.spec or spec, cand.knobs, ref, init, target)
                 local = _local_gradients(cand.spec or spec, cand.knobs, row_obs, data, seed, batch_size, ks)
                 worst, mean, scaled, n = measure(ref, row_obs, target, keys=ks, allowance=allowance, alt=local)
