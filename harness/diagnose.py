@@ -856,10 +856,16 @@ def diagnose(spec: ModelSpec, row: dict, ref: agreement.Reference, data: dict, i
         if not any(r["worst"] <= 1 for r, _ in scored):
             # nothing explains it: the closest few of stage 1 (and a refined schedule) over the whole horizon, so that
             # the closest ones are compared on the same checks
-            first_stage = first_stage + _refine_schedule(first_stage, evaluate, short, force=True)
-            again = [item for r, item in sorted(first_stage, key=lambda x: _rank(x[0]["worst"], x[0]["mean"]))
-                     if item not in survivors][:CLOSEST]
-            scored += evaluate(again, horizon)
+            # the schedule's rate is searched where the schedule candidates were measured in full (they explained
+            # the first stage), or else on the first stage, where they already differ
+            refined = _refine_schedule(scored, evaluate, horizon, force=True)
+            scored += refined
+            if not refined:
+                first_stage = first_stage + _refine_schedule(first_stage, evaluate, short, force=True)
+            if not any(r["worst"] <= 1 for r, _ in scored):
+                again = [item for r, item in sorted(first_stage, key=lambda x: _rank(x[0]["worst"], x[0]["mean"]))
+                         if item not in survivors][:CLOSEST]
+                scored += evaluate(again, horizon)
     else:
         scored += _refine_schedule(scored, evaluate, horizon)
     best: dict[str, dict] = {}

@@ -307,7 +307,8 @@ class Model(numpy_scratch.Model):
             opt = self.base_spec.optimizer
             lr = f32(opt.lr * LR_DECAY_RATE ** (self.t / LR_DECAY_STEPS))
             self.spec = dataclasses.replace(self.base_spec, optimizer=dataclasses.replace(opt, lr=lr))
-        if BUG == "state_reset":  # a new optimizer: zero moments / momentum, its own step count back to 0
+        if BUG == "state_reset":  # a new optimizer: zero moments / momentum, its own step count back to 0 (so a
+            # learning-rate schedule, counted by the optimizer as Keras' is, restarts too: no built-in model has one)
             t, self.t = self.t, 0
             for a in (*self.m, *self.v):
                 a[...] = 0  # (RMSprop / Adagrad set their initial accumulator at their first update)

@@ -250,7 +250,7 @@ def format_selftest(result: dict, tablefmt: str = "simple") -> str:
                        for r in rs]
                 applicable = [r for r in sel if r["caught"] is not None]
                 if not applicable:
-                    row.append("n/a")
+                    row += ["n/a", "-"]
                     continue
                 caught = [r for r in applicable if r["caught"]]
                 steps = [r["step"] for r in caught if r["step"] is not None]

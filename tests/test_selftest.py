@@ -36,6 +36,12 @@ def test_every_planted_bug_is_caught_within_10_steps_in_both_dtypes_at_both_batc
             assert 2 <= at[("state_reset", dt, b)] <= 10
     text = format_selftest(result)
     assert "catch rate within 10 steps: float32 33/33; float64 35/35" in text
+    # issue 14: each is named by its own cause first (harness/diagnose.py against harness.mutants.CAUSE)
+    misnamed = [(k, r["expected_cause"], (r.get("diagnosis") or {}).get("line")) for k, r in rows.items()
+                if r["named"] is False]
+    assert not misnamed
+    assert "named correctly (the diagnosis's first cause is the bug's own): float32 33/33; float64 35/35" in text
+    assert all(r["named"] is None for r in rows.values() if not r["caught"])
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch not installed: pip install '.[torch]'")
@@ -60,7 +66,7 @@ def test_a_wrong_backend_among_the_clean_ones_is_counted_as_a_false_alarm(monkey
 def test_selftest_cli_exit_codes(capsys):
     assert main(["selftest", "--models", "mlp_431", "--seeds", "1", "--bug-seeds", "1", "--backends", "none"]) == 0
     out = capsys.readouterr().out
-    assert "planted bugs caught" in out and "MISSED" not in out
+    assert "planted bugs caught" in out and "MISSED" not in out and "MISNAMED" not in out
     assert main(["selftest", "--steps", "5"]) == 2
     assert "at least 12 steps" in capsys.readouterr().err
     assert main(["selftest", "--models", "nope"]) == 2
@@ -81,6 +87,7 @@ def test_batchnorm_and_dropout_bugs_are_caught_on_a_model_with_both():
     first = {r["bug"]: r["step"] for r in rows}
     assert first == {"bn_momentum_convention": 1, "predict_training_mode": 0, "dropout_unscaled": 0}
     assert not result["missed"]
+    assert all(r["named"] for r in rows), [(r["bug"], r["dtype"], r["batch_size"], r["diagnosis"]) for r in rows]
 
 
 def test_a_bug_that_cannot_exist_in_a_model_is_not_applicable_not_missed():
