@@ -187,7 +187,7 @@ def diagnosis_lines(rows: list[dict], markdown: bool = False) -> list[str]:
         head = f"{label(r)} {r['dtype']} {r['mode']} {r['device']} batch {r['batch_size']} ({r['status']})"
         lines = format_diagnosis(r["diagnosis"])
         if markdown:
-            out += [f"- **{head}**", *(f"  {ln.strip()}" if ln.startswith("    ") else f"  - {ln.strip()}"
+            out += [f"- **{head}**", *(f"    {ln.strip()}" if ln.startswith("    ") else f"  - {ln.strip()}"
                                        for ln in lines)]
         else:
             out += [head, *lines]

@@ -103,7 +103,7 @@ def test_every_planted_bug_has_a_hypothesis():
     from harness.mutants import BUGS, CAUSE
 
     assert set(CAUSE) == set(BUGS)
-    assert set(CAUSE.values()) <= set(diagnose.BY_ID), set(CAUSE.values()) - set(diagnose.BY_ID)
+    assert set(CAUSE.values()) == set(diagnose.BY_ID), set(CAUSE.values()) ^ set(diagnose.BY_ID)  # one bug or more each
 
 
 WALKTHROUGH = [  # the README's walk-through: (the template's line, the planted mistake, what the diagnosis says)
