@@ -467,15 +467,16 @@ def _split(spec: ModelSpec, params, state):
     return [(list(p.values()), list(s.values())) for p, s in spec.by_layer(params, state or ())]
 
 
-def forward(xp, spec: ModelSpec, params, x, keep=False, mm=_mm, state=None, training=False, ctx=None):
+def forward(xp, spec: ModelSpec, params, x, keep=False, mm=_mm, state=None, training=False, ctx=None, overrides=None):
     """Network output (before the loss's sigmoid/softmax) and, with ``keep``, the per-layer caches for backward.
     ``training`` selects training mode (batch statistics, dropout with ``ctx.masks``); the state after the pass (moved
-    by a training pass, else unchanged) is left in ``ctx.new_state``."""
+    by a training pass, else unchanged) is left in ``ctx.new_state``.  ``overrides`` {layer index: (forward,
+    backward)} replaces a layer's pair (a planted bug's own layer: ``harness.mutants``)."""
     ctx = ctx or _Ctx(xp, mm)
     caches = []
     new_state = []
     for i, (layer, (lp, ls)) in enumerate(zip(spec.layers, _split(spec, params, state))):
-        fwd, _ = lookup(LAYER_BUILDERS, layer, BACKEND)
+        fwd, _ = (overrides or {}).get(i) or lookup(LAYER_BUILDERS, layer, BACKEND)
         x, cache, ns = fwd(ctx, layer, lp, ls, x, training, i)
         if keep:
             caches.append(cache)
@@ -484,14 +485,15 @@ def forward(xp, spec: ModelSpec, params, x, keep=False, mm=_mm, state=None, trai
     return x, caches
 
 
-def backward(xp, spec: ModelSpec, params, caches, dout, mm=_mm, colsum=_colsum, ctx=None):
-    """Gradients of every parameter, in ``spec.param_names()`` order, given d loss / d output."""
+def backward(xp, spec: ModelSpec, params, caches, dout, mm=_mm, colsum=_colsum, ctx=None, overrides=None):
+    """Gradients of every parameter, in ``spec.param_names()`` order, given d loss / d output (``overrides`` as in
+    :func:`forward`)."""
     ctx = ctx or _Ctx(xp, mm, colsum)
     split = _split(spec, params, [None] * len(spec.state_entries()))
     first = min(i for i, _, _ in spec.param_layers())  # nothing needs the gradient of what comes before it
     grads = []
     for i in range(len(spec.layers) - 1, first - 1, -1):
-        _, bwd = lookup(LAYER_BUILDERS, spec.layers[i], BACKEND)
+        _, bwd = (overrides or {}).get(i) or lookup(LAYER_BUILDERS, spec.layers[i], BACKEND)
         dout, g = bwd(ctx, spec.layers[i], split[i][0], caches[i], dout, i > first)
         grads = g + grads
     return grads

@@ -12,7 +12,7 @@ from decimal import Decimal
 import numpy as np
 
 from backends import numpy_scratch
-from backends.base import Unsupported, lookup
+from backends.base import Unsupported
 from backends.numpy_scratch import CAPABILITIES, devices, probe  # noqa: F401  (the backend contract)
 from models.spec import SGD, Adam, AdamW, Conv2D, Flatten, Loss, f32
 
@@ -100,29 +100,14 @@ def _flatten_chw_bwd(ctx, layer, params, cache, dout, need_dx):
 
 
 def _forward(model, x, keep, training, ctx):
-    """``numpy_scratch.forward`` with the model's own layer table (``model.swapped``: layer index -> the bug's pair)."""
-    spec, caches, new_state = model.spec, [], []
-    for i, (layer, (lp, ls)) in enumerate(zip(spec.layers, numpy_scratch._split(spec, model.params, model.state))):
-        fwd, _ = model.swapped.get(i) or lookup(numpy_scratch.LAYER_BUILDERS, layer, numpy_scratch.BACKEND)
-        x, cache, ns = fwd(ctx, layer, lp, ls, x, training, i)
-        if keep:
-            caches.append(cache)
-        new_state += ns if ns is not None else ls
-    ctx.new_state = new_state
-    return x, caches
+    """``numpy_scratch.forward`` with the model's own layers (``model.swapped``: layer index -> the bug's pair)."""
+    return numpy_scratch.forward(model.xp, model.spec, model.params, x, keep=keep, state=model.state,
+                                 training=training, ctx=ctx, overrides=model.swapped)
 
 
 def _backward(model, caches, dout, ctx):
-    """``numpy_scratch.backward`` with the model's own layer table."""
-    spec = model.spec
-    split = numpy_scratch._split(spec, model.params, [None] * len(spec.state_entries()))
-    first = min(i for i, _, _ in spec.param_layers())
-    grads = []
-    for i in range(len(spec.layers) - 1, first - 1, -1):
-        _, bwd = model.swapped.get(i) or lookup(numpy_scratch.LAYER_BUILDERS, spec.layers[i], numpy_scratch.BACKEND)
-        dout, g = bwd(ctx, spec.layers[i], split[i][0], caches[i], dout, i > first)
-        grads = g + grads
-    return grads
+    """``numpy_scratch.backward`` with the model's own layers."""
+    return numpy_scratch.backward(model.xp, model.spec, model.params, caches, dout, ctx=ctx, overrides=model.swapped)
 
 
 def _softmax_ce_batch_axis(xp, spec, out, y):

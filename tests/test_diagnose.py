@@ -109,7 +109,8 @@ def test_every_planted_bug_has_a_hypothesis():
 WALKTHROUGH = [  # the README's walk-through: (the template's line, the planted mistake, what the diagnosis says)
     ("    d_out = 2 * (out - y)", "    d_out = (out - y)",
      "probable cause: the gradient 0.5 times the spec's, the loss right"),
-    ("    lr = spec.optimizer.lr", "    lr = 2 * spec.optimizer.lr", "probable cause: learning rate 0.2 where the spec says 0.1"),
+    ("    lr = spec.optimizer.lr", "    lr = 2 * spec.optimizer.lr",
+     "probable cause: learning rate 0.2 where the spec says 0.1"),
     ("W1, b1, W2, b2 = W1 - lr * dW1, b1 - lr * db1, W2 - lr * dW2, b2 - lr * db2",
      "W1, b1, W2 = W1 - lr * dW1, b1 - lr * db1, W2 - lr * dW2", "probable cause: dense1/bias never updated"),
     ("    d_z2 = d_out * out * (1 - out)", "    d_z2 = d_out", "closest: "),
