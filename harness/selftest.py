@@ -256,7 +256,8 @@ def format_selftest(result: dict, tablefmt: str = "simple") -> str:
                 steps = [r["step"] for r in caught if r["step"] is not None]
                 row.append(f"{len(caught)}/{len(applicable)}" + (f" (step {min(steps)}-{max(steps)})" if steps else ""))
                 named = [r for r in caught if r.get("named")]
-                row.append(f"{len(named)}/{len(caught)}" if caught else "-")
+                measured = all("named" in r for r in caught)  # a record from before the diagnosis has no names
+                row.append((f"{len(named)}/{len(caught)}" if measured else "not measured") if caught else "-")
             table.append(row)
     lines.append("\n" + tabulate(table, headers=["planted bug", "dtype", "caught at batch 1", "named correctly",
                                                  "caught at batch N", "named correctly"], tablefmt=tablefmt))
@@ -268,16 +269,18 @@ def format_selftest(result: dict, tablefmt: str = "simple") -> str:
         lines.append(f"  MISSED {r['bug']} {r['model']} {r['dtype']} seed {r['seed']} batch {r['batch_size']}: "
                      f"{r['status']}: {r['reason']}")
     caught_rows = [r for r in applicable if r["caught"]]
+    unnamed = {r["model"] for r in caught_rows if "named" not in r}
     lines.append("named correctly (the diagnosis's first cause is the bug's own): " + "; ".join(
-        f"{dt} {sum(bool(r.get('named')) for r in rs if r['caught'])}/{sum(bool(r['caught']) for r in rs)}"
-        for dt, rs in by_dtype.items()))
+        f"{dt} {sum(bool(r.get('named')) for r in rs if r['caught'] and 'named' in r)}/"
+        f"{sum(bool(r['caught']) for r in rs if 'named' in r)}" for dt, rs in by_dtype.items())
+        + (f" (not measured: {', '.join(sorted(unnamed))}, whose record predates the diagnosis)" if unnamed else ""))
     for r in caught_rows:
         if r.get("named") is False:
             d = r.get("diagnosis") or {}
             lines.append(f"  MISNAMED {r['bug']} {r['model']} {r['dtype']} seed {r['seed']} batch {r['batch_size']}: "
                          f"expected {r['expected_cause']}, diagnosed {d.get('line') or d.get('error') or 'nothing'}")
     lines.append(f"\nplanted bugs caught: {len(caught_rows)}/{len(applicable)}; named correctly: "
-                 f"{sum(bool(r.get('named')) for r in caught_rows)}/{len(caught_rows)}")
+                 f"{sum(bool(r.get('named')) for r in caught_rows)}/{sum('named' in r for r in caught_rows)}")
     return "\n".join(lines)
 
 
@@ -338,7 +341,8 @@ def _header(rec: dict, title: str) -> list[str]:
             f"{rec['machine']['cpu']} ({rec['machine']['cores']} cores), {versions}. Every clean run: each model in "
             f"{', '.join(rec['dtypes'])} at both of its batch sizes, {rec['steps']} steps, every installed backend "
             f"({', '.join(rec['backends']) or 'none'}). A planted bug counts as caught when its row fails by step "
-            f"{rec['catch_within']}.", "", table, ""]
+            f"{rec['catch_within']}, and as named correctly when the diagnosis (`harness/diagnose.py`) gives its own "
+            f"cause (`harness.mutants.CAUSE`) first.", "", table, ""]
 
 
 def selftest_markdown(rec: dict) -> str:
@@ -346,7 +350,7 @@ def selftest_markdown(rec: dict) -> str:
               "errors": [r for r in rec["clean"] if r["status"] not in (Status.PASS, Status.SKIPPED, Status.FAIL,
                                                                        Status.DIVERGED)],
               "missed": [r for r in rec["bugs"] if r["caught"] is False]}
-    return "\n".join(_header(rec, "Self-test: false alarms of real backends, catch rate of planted bugs")
+    return "\n".join(_header(rec, "Self-test: false alarms of real backends, catch rate and naming of planted bugs")
                      + [format_selftest(result, tablefmt="github"), ""])
 
 
