@@ -241,12 +241,6 @@ class Context:
     init: list[np.ndarray]  # the row's initial weights (canonical, float64)
     failing_w1: bool = False  # the weights after the first update fail
 
-    def row(self, key):
-        return agreement.observations(self.spec, self.arrays).get(key)
-
-    def oracle(self, key):
-        return self.ref.obs.get(key)
-
     def pair(self, quantity, step):
         """[(row tensor, oracle tensor)] of one quantity at one step, every parameter (None where missing)."""
         names = self.spec.param_names()
