@@ -735,13 +735,19 @@ class Model(ModelBase):
         if self.perturb is not None:  # the loss and its gradient rounded another way (another exp, log, sum order)
             loss, dout = self.perturb(loss), self.perturb(dout)
         grads = backward(self.xp, self.spec, self.params, caches, dout, ctx=ctx)
-        if self.spec.loss.l2:  # l2 * sum(kernel**2) on every kernel: the loss and the gradient 2 * l2 * kernel
+        loss = self._add_l2(loss, grads)
+        return loss, grads, ctx.new_state
+
+    def _add_l2(self, loss, grads):
+        """The spec's L2 penalty, l2 * sum(kernel**2) on every kernel: the loss with it, and 2 * l2 * kernel added to
+        each kernel's gradient in ``grads`` (in place)."""
+        if self.spec.loss.l2:
             l2 = self.dtype.type(self.spec.loss.l2)
             for j in self._kernels:
                 k = self.params[j]
                 loss = loss + l2 * (k * k).sum()
                 grads[j] = grads[j] + (2 * l2) * k
-        return loss, grads, ctx.new_state
+        return loss
 
     def gradients(self, x, y):
         x, y = self._host(x, y)

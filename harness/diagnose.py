@@ -108,11 +108,7 @@ class HypModel(oracle.Model):
             loss, dout = loss * c, dout * c
         g = self.k.get("grad_scale")
         grads = oracle.backward(self.xp, self.spec, self.params, caches, dout if g is None else dout * g, ctx=ctx)
-        if self.spec.loss.l2:
-            l2 = self.dtype.type(self.spec.loss.l2)
-            for j in self._kernels:
-                loss = loss + l2 * (self.params[j] * self.params[j]).sum()
-                grads[j] = grads[j] + (2 * l2) * self.params[j]
+        loss = self._add_l2(loss, grads)
         for j in self.k.get("sign", ()):
             grads[j] = -grads[j]
         return loss, grads, ctx.new_state

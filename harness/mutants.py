@@ -272,13 +272,7 @@ class Model(numpy_scratch.Model):
                 half = self.dtype.type(0.5)
                 loss, dout = loss * half, dout * half
             grads = _backward(self, caches, dout, ctx)
-            if self.spec.loss.l2:
-                l2 = self.dtype.type(self.spec.loss.l2)
-                for j in self._kernels:
-                    k = self.params[j]
-                    loss = loss + l2 * (k * k).sum()
-                    grads[j] = grads[j] + (2 * l2) * k
-            return loss, grads, ctx.new_state
+            return self._add_l2(loss, grads), grads, ctx.new_state
         loss, grads, state = super()._loss_grads(x, y)
         if BUG == "gradient_sign":
             grads[-1] = -grads[-1]
