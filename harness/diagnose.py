@@ -13,14 +13,16 @@ What keeps it cheap and honest:
 
 * a hypothesis says which early observations its change leaves alone (``keeps``): one that keeps the step-0 gradients
   is not tried on a row whose step-0 gradients fail (it could not explain them), so a row pays for a handful of reruns;
-* the reruns cover the steps up to the row's first failure and at least the first ``MIN_HORIZON`` (so that a change
-  that grows with the step, Adam's epsilon convention, say, is told from a constant one);
+* two stages: every candidate is first rerun over the steps up to the row's first failure (at least steps 0 and 1);
+  only those that explain the row there are rerun over the whole horizon, at least ``MIN_HORIZON`` steps (so that a
+  change that grows with the step, Adam's epsilon convention, say, is told from a constant one); where none explains
+  it, the ``CLOSEST`` few of the first stage are, so that the "closest" ones are compared on the same checks;
 * parameters are estimated from the row where one number says it (the ratio of the first updates for a learning rate,
   Adam's epsilon from the first update, a weight decay), and searched on a short grid otherwise (a decay rate);
 * ranking: hypotheses that explain the row first, by their typical error (the mean over the checks, in units of the
   bound: a systematic mistake shows in many checks, noise in a few), then the others by their worst error;
-  "float32 computation inside a float64 run" is judged against the float32 rounding envelope and ranks after every
-  hypothesis that explains the row at float64's own bounds.
+  "float32 computation inside a float64 run" is judged against the float32 rounding envelope, reported only where it
+  explains the row there, and ranks after every hypothesis that explains the row at float64's own bounds.
 
 The diagnosis is part of the row (``row["diagnosis"]``: raw JSON, the console, the generated tables) and never changes
 its status: a fail stays a fail.  ``harness selftest`` measures it: every planted bug (``harness.mutants``) must be
