@@ -101,6 +101,11 @@ def register_file(name: str, path: str) -> BackendInfo:
     return _FILES[name]
 
 
+def registered_files() -> dict[str, BackendInfo]:
+    """The user's files registered in this process (``register_file``)."""
+    return dict(_FILES)
+
+
 def file_backends() -> dict[str, BackendInfo]:
     out = dict(_FILES)
     name, sep, path = os.environ.get(FILE_ENV, "").partition("=")

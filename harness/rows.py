@@ -35,6 +35,7 @@ class Row:
     native_differences: tuple | None = None  # the defaults audit: what the framework's defaults change
     not_comparable: str | None = None  # what a native row cannot compare, and why
     diagnosis: dict | None = None  # a failing row's probable causes (harness/diagnose.py); never changes the status
+    node: dict | None = None  # the machine that computed it (harness.executors.node_info): timings compare within one
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", as_status(self.status))

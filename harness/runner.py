@@ -16,7 +16,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -546,43 +546,12 @@ def diagnose_row(spec: ModelSpec, row: Row, ref: agreement.Reference, job: Job, 
         return {"error": f"{type(e).__name__}: {e}", "probable": []}
 
 
-def compare(cfg: CompareConfig, progress: Callable[[str], None] = lambda s: None) -> dict:
-    """Run every requested backend against the oracle; returns the result (rows with arrays, metadata)."""
-    spec = validate(cfg)
-    dtype = spec.dtype
-    job = prepare(cfg, spec)
-    progress(f"model {spec.name}: {spec.param_count()} parameters, dtype {dtype}, mode {cfg.mode}, "
-             f"data: {job.dataset_source}")
-    devices = cfg.devices
-    options = {"dtype": dtype, "mode": cfg.mode, "threads": cfg.threads, "fast": cfg.fast}
-    timing = {"rounds": cfg.timing_rounds, "steps": cfg.timing_steps} if cfg.timing else None
-    result = {"config": asdict(cfg), "spec": spec, "job": job, "rows": [], "oracle": {}, "interrupted": False,
-              "started": time.time()}
-    with tempfile.TemporaryDirectory(prefix="dlcompare-") as tmp:
-        work = Path(tmp)
-        oracle = Oracle({}, {}, [])
-        try:
-            oracle = run_oracle(job, dtype, cfg.steps, cfg.check_every, options, cfg.timeout, work, progress)
-            result["oracle"] = {b: r for (_, b), r in oracle.rows.items()}
-            result["envelope_variants"] = sorted({v for ref in oracle.references.values() for v in ref.variants})
-            for i, b in enumerate(cfg.backends, 1):
-                t = time.perf_counter()
-                progress(f"[{i}/{len(cfg.backends)}] {b} ...")
-                runs = [{"seed": cfg.seed, "batch_size": bs, "device": d, "steps": cfg.steps,
-                         "check_every": cfg.check_every, "timing": timing, "repeat": cfg.repeat}
-                        for d in devices for bs in job.batch_sizes]
-                rows = [judge(spec, row, oracle, job) for row in run_backend(b, job, runs, options, cfg.timeout, work)]
-                result["rows"] += rows
-                progress(f"[{i}/{len(cfg.backends)}] {b}: "
-                         + ", ".join(f"batch {r['batch_size']} {r['device']} {r['status']}" for r in rows)
-                         + f" ({time.perf_counter() - t:.1f} s)")
-        except Interrupted as e:
-            result["rows"] += [judge(spec, row, oracle, job) for row in e.rows]
-            result["interrupted"] = True
-        except KeyboardInterrupt:
-            result["interrupted"] = True
-    result["pairs"] = pairwise(spec, result["rows"], oracle, job)
-    result["finished"] = time.time()
+def compare(cfg: CompareConfig, progress: Callable[[str], None] = lambda s: None, executor=None) -> dict:
+    """Run every requested backend against the oracle on ``executor`` (default: this machine, one subprocess after
+    another; ``harness.executors``); returns the result (rows with arrays, metadata)."""
+    from .executors import run_groups
+
+    (result,) = run_groups([cfg], executor, progress)
     return result
 
 
