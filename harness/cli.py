@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 import backends
@@ -20,6 +21,7 @@ from models.data import DATASETS, DataError
 from models.zoo import is_model_file
 
 from . import runner
+from .executors import EXECUTORS, get_executor
 from .runner import UserError
 from .status import GOOD, Status
 
@@ -144,7 +146,8 @@ def cmd_compare(args) -> int:
     for uf in files.values():
         uf.check_spec(spec)
     check_writable(results_dir)  # before any work starts
-    result = runner.compare(cfg, progress=_progress)
+    executor = get_executor(args.executor, args.ray_address)
+    result = runner.compare(cfg, progress=_progress, executor=executor)
     json_path, _ = write_run(result, results_dir)
     record = to_record(result, json_path.stem)
     table = console_table(record)
@@ -158,6 +161,100 @@ def cmd_compare(args) -> int:
         return 130
     bad = [r for r in record["rows"] if r["status"] not in GOOD]
     return 1 if bad else 0
+
+
+# ----------------------------------------------------------------------------------------------------------- matrix
+MATRIX_MODELS = "mlp_431,pima_mlp,mnist_mlp,mnist_cnn"
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``0``, ``0,3,7`` or a range ``0-4`` (both ends included)."""
+    out: list[int] = []
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            a, sep, b = part.partition("-")
+            out += list(range(int(a), int(b) + 1)) if sep else [int(a)]
+    except ValueError:
+        out = []
+    if not out:
+        raise UserError(f"--seeds must be seeds like 0, 0,3,7 or a range 0-4, got {text!r}")
+    for s in out:
+        runner.check_seed(s, "--seeds")
+    return list(dict.fromkeys(out))
+
+
+def _names(text: str, valid, what: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in valid]
+    if not names or bad:
+        raise UserError(f"{what} must be comma-separated names from: {', '.join(valid)}; got {text!r}")
+    return names
+
+
+def matrix_configs(args) -> list[runner.CompareConfig]:
+    """Every (model, dtype, mode, seed) group of ``harness matrix``, validated before any work starts."""
+    from models.spec import DTYPES
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models:
+        raise UserError(f"--models must name at least one model, e.g. {MATRIX_MODELS}")
+    dtypes = None if args.dtypes == "model" else _names(args.dtypes, DTYPES, "--dtypes")
+    modes = _names(args.modes, ("aligned", "native"), "--modes")
+    seeds = parse_seeds(args.seeds)
+    backends_list = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else \
+        list(backends.REGISTRY)
+    cfgs = []
+    for model in models:
+        for dtype in dtypes or [get_model(model).dtype if model in MODELS else None]:
+            for mode in modes:
+                for seed in seeds:
+                    cfg = runner.CompareConfig(
+                        model=model, backends=backends_list, dtype=dtype, mode=mode, seed=seed, steps=args.steps,
+                        batch_sizes=runner.parse_int_list(args.batch_sizes, "--batch-sizes") if args.batch_sizes
+                        else None, devices=_devices(args.device), timing=not args.no_timing, timeout=args.timeout,
+                        threads=args.threads, repeat=not args.no_repeat, data_dir=args.data_dir)
+                    runner.validate(cfg)
+                    cfgs.append(cfg)
+    return cfgs
+
+
+def cmd_matrix(args) -> int:
+    """Models x dtypes x modes x devices x seeds in one command: each (model, dtype, mode, seed) group is an ordinary
+    compare run, written to the raw results as soon as its last cell is in; ``harness report`` merges them."""
+    from tabulate import tabulate
+
+    from .executors import run_groups
+    from .results import check_writable, write_run
+
+    cfgs = matrix_configs(args)
+    results_dir = Path(args.results_dir)
+    check_writable(results_dir)
+    executor = get_executor(args.executor, args.ray_address)
+    n_cells = sum(len(c.backends) * len(c.devices) for c in cfgs)
+    _progress(f"matrix: {len(cfgs)} group(s) (model x dtype x mode x seed), {n_cells} backend cells, executor "
+              f"{executor.name}")
+    summary = []
+
+    def on_group(result: dict) -> None:
+        json_path, _ = write_run(result, results_dir)
+        counts: dict[str, int] = {}
+        for r in result["rows"]:
+            counts[str(r["status"])] = counts.get(str(r["status"]), 0) + 1
+        cfg = result["config"]
+        summary.append([result["spec"].name, result["spec"].dtype, cfg["mode"], cfg["seed"],
+                        ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "-",
+                        "interrupted" if result["interrupted"] else "", json_path.name])
+        _progress(f"wrote {json_path} ({summary[-1][4]})")
+
+    t = time.perf_counter()
+    results = run_groups(cfgs, executor, progress=_progress, on_group=on_group)
+    print(tabulate(summary, headers=["model", "dtype", "mode", "seed", "rows", "", "raw result"]))
+    print(f"\n{len(summary)} run(s) written to {results_dir / 'raw'} in {time.perf_counter() - t:.1f} s; merge them "
+          f"with `harness report`")
+    if any(r["interrupted"] for r in results):
+        print("interrupted: finished groups and cells were saved; queued cells were cancelled", file=sys.stderr)
+        return 130
+    return 1 if any(r["status"] not in GOOD for res in results for r in res["rows"]) else 0
 
 
 # ------------------------------------------------------------------------------------------------------------ check
@@ -406,6 +503,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast", action="store_true", help="use each backend's fast mode (jit_compile, CUDA graphs, scan)")
 
 
+def _executor_options(p) -> None:
+    p.add_argument("--executor", default="local", choices=EXECUTORS,
+                   help="local: one subprocess after another on this machine (default); ray: the cells as Ray tasks "
+                        "(pip install '.[ray]')")
+    p.add_argument("--ray-address", help="the Ray cluster, e.g. 10.0.0.5:6379 (default: $RAY_ADDRESS, else a Ray "
+                                         "instance started on this machine for the run)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description="Compare the same network across NumPy, TF1, TF2, "
                                      "Keras, PyTorch and JAX: numbers and speed.")
@@ -432,7 +537,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "class Model; see `harness check --help`), named by its stem; repeat the option for more "
                         "files")
     p.add_argument("--results-dir", default=str(_default_results()), help="where raw results and tables go")
+    _executor_options(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("matrix", help="models x dtypes x modes x devices x seeds in one command, locally or on a "
+                                      "Ray cluster; one raw run per (model, dtype, mode, seed)")
+    p.add_argument("--models", default=MATRIX_MODELS, help=f"comma-separated (default: {MATRIX_MODELS}); any of "
+                                                           f"{', '.join(MODELS)} or a model file")
+    p.add_argument("--dtypes", default="model", help="comma-separated float32,float64, or model (default: each "
+                                                     "model's own)")
+    p.add_argument("--modes", default="aligned", help="comma-separated aligned,native (default: aligned)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or all")
+    p.add_argument("--seeds", default="0", help="seeds: 0, 0,3,7 or a range 0-4 (default: 0)")
+    p.add_argument("--backends", help=f"comma-separated (default: all): {', '.join(backends.REGISTRY)}")
+    p.add_argument("--batch-sizes", help="comma-separated, e.g. 1,100 (default: each model's)")
+    p.add_argument("--steps", type=int, default=runner.DEFAULT_STEPS, help="training steps compared per batch size")
+    p.add_argument("--no-timing", action="store_true", help="agreement only: cells pack freely on the nodes")
+    p.add_argument("--no-repeat", action="store_true", help="skip the determinism replay of each trajectory")
+    p.add_argument("--timeout", type=float, default=runner.CompareConfig.timeout,
+                   help="seconds per backend subprocess, > 0 (default 900)")
+    p.add_argument("--threads", type=int, help="intra-op threads for every backend, at least 1")
+    p.add_argument("--data-dir", help="where to look for data first")
+    p.add_argument("--results-dir", default=str(_default_results()), help="where raw results go")
+    _executor_options(p)
+    p.set_defaults(func=cmd_matrix)
 
     p = sub.add_parser(
         "check", formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -367,9 +367,9 @@ class RayExecutor:
                     except ray.exceptions.RayError as e:
                         reason = ray_error_reason(e)
                         rows, line = placeholder_rows(what, Status.ERROR, reason), ""
-                    on_cell(what, rows)
                     running = len(set(ray.get(tracker.snapshot.remote())) - finished)
                     progress(self._line(groups, what, rows, line, len(finished), running, len(cells)))
+                    on_cell(what, rows)
                     last = time.monotonic()
                 if time.monotonic() - last > self.STATUS_EVERY_S:
                     snap = ray.get(tracker.snapshot.remote())
@@ -456,6 +456,8 @@ def run_groups(cfgs: list[runner.CompareConfig], executor=None, progress: Callab
     def on_cell(cell: Cell, rows: list[Row]) -> None:
         g = groups[cell.group]
         g.rows[cell.index] = rows
+        if any(r.status == Status.INTERRUPTED for r in rows):
+            g.result["interrupted"] = True
         if g.done and g.oracle is not None:
             finish(g)
 
@@ -463,7 +465,7 @@ def run_groups(cfgs: list[runner.CompareConfig], executor=None, progress: Callab
         executor.run(groups, on_oracle, on_cell, progress)
     except KeyboardInterrupt:
         for g in groups:
-            if not g.done or g.oracle is None:
+            if not g.done or g.oracle is None or g.result["interrupted"]:
                 g.result["interrupted"] = True
                 finish(g)
     finally:

@@ -105,7 +105,8 @@ def to_record(result: dict, run_id: str) -> dict:
         "duration_s": result["finished"] - result["started"],
         "interrupted": result["interrupted"],
         "commit": git_commit(),
-        "machine": machine(),
+        "machine": machine(),  # where the driver ran; each row's "node" says where that row was computed
+        "executor": result.get("executor", "local"),
         "env": os.environ.get("DLCOMPARE_ENV_NAME"),  # the tox env that produced this run, if any
         "versions": {b: backends.version(b) for b in sorted({r["backend"] for r in result["rows"]} | {"numpy"})},
         "flags": {k: os.environ.get(k) for k in ("TF_ENABLE_ONEDNN_OPTS", "TF_DETERMINISTIC_OPS", "OMP_NUM_THREADS")},

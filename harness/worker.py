@@ -234,8 +234,23 @@ def environment_flags() -> dict:
     return {k: os.environ.get(k) for k in keys}
 
 
+def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+    """End this worker when the process that started it is gone (a Ray task killed with its worker process, a parent
+    killed by SIGKILL): the worker runs in its own session, so nothing else would stop it."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(every_s)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _exit_with_parent(os.getppid())
     job_dir = Path(argv[0])
     job = json.loads((job_dir / "job.json").read_text())
     status_path = job_dir / "worker.json"
