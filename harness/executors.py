@@ -246,6 +246,20 @@ def _cell_task(spec, job, oracle, cell: Cell, ctx: dict, tracker) -> dict:
     return {"rows": rows, "seconds": time.perf_counter() - t, "node": node}
 
 
+def _probe(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on a HOST:PORT where nothing listens (ray.init would retry for minutes); other forms ("auto",
+    "ray://...") are left to Ray."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "/" in address:
+        return
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise runner.UserError(f"no Ray cluster answers at {address!r} (from --ray-address or RAY_ADDRESS: {e}); start one there with "
+                               f"`ray start --head --port {port}`, check the address `ray start` printed, or leave "
+                               f"--ray-address and RAY_ADDRESS unset for a Ray instance on this machine") from None
+
+
 class _Tracker:
     """Which cells have started, and where (a zero-CPU actor the tasks report to)."""
 
@@ -275,6 +289,8 @@ class RayExecutor:
     def __init__(self, address: str | None = None):
         self.ray = _ray()
         self.address = address or os.environ.get("RAY_ADDRESS") or None
+        if self.address:
+            _probe(self.address)  # a wrong address fails before any work starts
         self.started_here = False
         self._rr: dict[bool, int] = {}
 
