@@ -255,9 +255,10 @@ def _probe(address: str, timeout_s: float = 5.0) -> None:
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
     except OSError as e:
-        raise runner.UserError(f"no Ray cluster answers at {address!r} (from --ray-address or RAY_ADDRESS: {e}); start one there with "
-                               f"`ray start --head --port {port}`, check the address `ray start` printed, or leave "
-                               f"--ray-address and RAY_ADDRESS unset for a Ray instance on this machine") from None
+        raise runner.UserError(f"no Ray cluster answers at {address!r} (from --ray-address or RAY_ADDRESS: {e}); "
+                               f"start one there with `ray start --head --port {port}`, check the address "
+                               f"`ray start` printed, or leave --ray-address and RAY_ADDRESS unset for a Ray instance on "
+                               f"this machine") from None
 
 
 class _Tracker:

@@ -155,25 +155,40 @@ def _first_step(r: dict) -> str:
     return f"{seg[0][1]:.3g}" if seg and seg[0][0] == 1 else "-"
 
 
-def speed_rows(rows: list[dict]) -> list[list]:
+def _speed_group(r: dict) -> tuple:
+    """Rows whose times may be divided by each other: one run, one node (a Ray cluster's nodes differ), one device
+    and batch size."""
+    from .executors import node_label
+
+    return r.get("run_id"), node_label(r.get("node")), r["device"], r["batch_size"]
+
+
+def speed_rows(rows: list[dict]) -> tuple[list[list], list[str]]:
+    """The speed table's rows and headers. "x fastest" divides by the fastest row of the same run and node (never
+    across machines); a "run" / "node" column appears when the rows come from more than one."""
+    from .executors import node_label
+
     timed = [(r, (r.get("meta") or {}).get("timing")) for r in rows]
     timed = [(r, t) for r, t in timed if t]
     fastest: dict[tuple, float] = {}
     for r, t in timed:
-        k = (r["device"], r["batch_size"])
+        k = _speed_group(r)
         fastest[k] = min(fastest.get(k, float("inf")), t["median_s"])
+    runs = len({r.get("run_id") for r, _ in timed}) > 1
+    nodes = len({node_label(r.get("node")) for r, _ in timed}) > 1
     out = []
     for r, t in timed:
-        out.append([label(r), r["dtype"], r["device"], r["batch_size"], _fmt_ms(t), f"{t['samples_per_s']:.4g}",
-                    f"{t['epoch_s']:.3g}" if "epoch_s" in t else "-", _first_step(r), f"{t['warmup_s']:.3g}",
-                    f"{t['peak_rss_mb']:.0f}" + (f" / {t['gpu_peak_mb']:.0f}" if t.get("gpu_peak_mb") else ""),
-                    f"{t['median_s'] / fastest[(r['device'], r['batch_size'])]:.2f}"])
-    return out
+        out.append(([r["run_id"]] if runs else []) + ([node_label(r.get("node"))] if nodes else []) + [
+            label(r), r["dtype"], r["device"], r["batch_size"], _fmt_ms(t), f"{t['samples_per_s']:.4g}",
+            f"{t['epoch_s']:.3g}" if "epoch_s" in t else "-", _first_step(r), f"{t['warmup_s']:.3g}",
+            f"{t['peak_rss_mb']:.0f}" + (f" / {t['gpu_peak_mb']:.0f}" if t.get("gpu_peak_mb") else ""),
+            f"{t['median_s'] / fastest[_speed_group(r)]:.2f}"])
+    return out, (["run"] if runs else []) + (["node"] if nodes else []) + SPEED_HEADERS
 
 
 SPEED_HEADERS = ["backend", "dtype", "device", "batch", "ms/step (median ± IQR)", "samples/s", "epoch s", "first step s",
                  "warm-up s",
-                 "peak RSS / GPU MB", "x fastest"]
+                 "peak RSS / GPU MB", "x fastest (same run and node)"]
 
 
 def diagnosis_lines(rows: list[dict], markdown: bool = False) -> list[str]:
@@ -205,9 +220,9 @@ def console_table(record: dict) -> str:
         text += "\n\nDefaults audit (native mode vs the spec)\n" + nat
     if len({p["a"] for p in record.get("pairs", [])} | {p["b"] for p in record.get("pairs", [])}) > 2:
         text += "\n\nPairwise worst scaled error (✗: beyond twice the rounding bound)\n" + pair_matrix(record["pairs"])
-    sp = speed_rows(rows)
+    sp, headers = speed_rows(rows)
     if sp:
-        text += "\n\n" + tabulate(sp, headers=SPEED_HEADERS, tablefmt="simple")
+        text += "\n\n" + tabulate(sp, headers=headers, tablefmt="simple")
     return text
 
 
@@ -290,13 +305,14 @@ def model_markdown(model: str, records: list[dict]) -> str | None:
                       "Worst scaled error between two backends over the compared quantities; ✗ beyond twice the "
                       "rounding bound (each backend may sit anywhere in its own).", ""]
             lines.append(pair_matrix(sel, tablefmt="github"))
-    sp = speed_rows(rows)
+    sp, headers = speed_rows(rows)
     if sp:
         lines += ["", "## Speed", "",
                   "Median per-step time over timed rounds after a warm-up (reported apart), device synchronised "
-                  "before every clock read, batches already in memory (data loading not timed). Ratios are only "
-                  "meaningful between rows of the same machine and run.", ""]
-        lines.append(tabulate(sp, headers=SPEED_HEADERS, tablefmt="github"))
+                  "before every clock read, batches already in memory (data loading not timed). \"x fastest\" divides "
+                  "by the fastest row of the same run and node only: times of different runs or machines are never "
+                  "divided by each other.", ""]
+        lines.append(tabulate(sp, headers=headers, tablefmt="github"))
     lines.append("")
     return "\n".join(lines)
 
