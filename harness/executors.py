@@ -22,6 +22,7 @@ import os
 import socket
 import tempfile
 import time
+import traceback
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -286,6 +287,7 @@ class RayExecutor:
 
     name = "ray"
     STATUS_EVERY_S = 30.0
+    NODES_EVERY_S = 5.0
 
     def __init__(self, address: str | None = None):
         self.ray = _ray()
@@ -344,7 +346,15 @@ class RayExecutor:
         ray = self.ray
         self.start()
         ctx = driver_context()
-        tracker = ray.remote(num_cpus=0)(_Tracker).remote()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # on the driver's node: a node that leaves the cluster mid-run takes its cells, never the bookkeeping
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        tracker = ray.remote(num_cpus=0)(_Tracker).options(scheduling_strategy=here).remote()
+
+        def started() -> dict:
+            return self._snapshot(tracker)
+
         oracle_fn = ray.remote(max_retries=0)(_oracle_task)
         cell_fn = ray.remote(max_retries=0)(_cell_task)
         pending: dict = {}  # object ref -> ("oracle", group) | ("cell", cell)
@@ -365,7 +375,7 @@ class RayExecutor:
                     continue
                 pending[cell_fn.options(**opts).remote(g.spec, job_ref, oracle_ref, cell, ctx, tracker)] = ("cell", cell)
         finished: set = set()
-        last = time.monotonic()
+        last = checked = time.monotonic()
         try:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
@@ -384,12 +394,15 @@ class RayExecutor:
                     except ray.exceptions.RayError as e:
                         reason = ray_error_reason(e)
                         rows, line = placeholder_rows(what, Status.ERROR, reason), ""
-                    running = len(set(ray.get(tracker.snapshot.remote())) - finished)
+                    running = len(set(started()) - finished)
                     progress(self._line(groups, what, rows, line, len(finished), running, len(cells)))
                     on_cell(what, rows)
                     last = time.monotonic()
+                if time.monotonic() - checked > self.NODES_EVERY_S:
+                    checked = time.monotonic()
+                    self._drop_unplaceable(pending, finished, started(), on_cell, progress)
                 if time.monotonic() - last > self.STATUS_EVERY_S:
-                    snap = ray.get(tracker.snapshot.remote())
+                    snap = started()
                     now = {k: v for k, v in snap.items() if k not in finished}
                     progress(f"[{len(finished)}/{len(cells)} done, {len(now)} running, "
                              f"{len(cells) - len(finished) - len(now)} queued] running: "
@@ -397,11 +410,7 @@ class RayExecutor:
                                          for k, v in list(now.items())[:6]))
                     last = time.monotonic()
         except KeyboardInterrupt:
-            snap = {}
-            try:
-                snap = ray.get(tracker.snapshot.remote(), timeout=5)
-            except Exception:  # noqa: BLE001 - cancelling comes first
-                pass
+            snap = started()
             for ref in pending:
                 ray.cancel(ref)  # queued: dropped; running: KeyboardInterrupt in the task, which kills its worker
             for kind, what in pending.values():
@@ -412,6 +421,28 @@ class RayExecutor:
             except Exception:  # noqa: BLE001
                 pass
             raise
+
+    def _snapshot(self, tracker) -> dict:
+        """The cells that have started, and where; empty when the tracker cannot answer (progress only)."""
+        try:
+            return self.ray.get(tracker.snapshot.remote(), timeout=5)
+        except Exception:  # noqa: BLE001 - the counts of a progress line never stop the run
+            return {}
+
+    def _drop_unplaceable(self, pending: dict, finished: set, started: dict, on_cell, progress) -> None:
+        """A queued CUDA cell waits for a GPU; when the last GPU node has left the cluster it would wait for ever:
+        cancel it, with an error row that says why."""
+        if any(n["Resources"].get("GPU") for n in self.nodes()):
+            return
+        for ref, (kind, what) in list(pending.items()):
+            if kind == "cell" and what.device == "cuda" and what.key not in started:
+                self.ray.cancel(ref)
+                del pending[ref]
+                finished.add(what.key)
+                rows = placeholder_rows(what, Status.ERROR, "no node of the Ray cluster has a GPU any more (the GPU "
+                                                            "node left during the run)")
+                progress(f"  {what.backend} cuda: {rows[0]['reason']}")
+                on_cell(what, rows)
 
     @staticmethod
     def _line(groups, cell: Cell, rows: list[Row], where: str, done: int, running: int, total: int) -> str:
@@ -484,6 +515,15 @@ def run_groups(cfgs: list[runner.CompareConfig], executor=None, progress: Callab
         for g in groups:
             if not g.done or g.oracle is None or g.result["interrupted"]:
                 g.result["interrupted"] = True
+                finish(g)
+    except Exception as e:  # the executor itself failed (a lost cluster, a bug): keep every row already in
+        reason = f"the {executor.name} executor failed: {type(e).__name__}: {str(e).strip()[:300]}"
+        progress(f"{reason}\n{traceback.format_exc(limit=-3)}")
+        for g in groups:
+            if "finished" not in g.result:
+                for cell in g.cells:
+                    g.rows.setdefault(cell.index, placeholder_rows(cell, Status.ERROR, reason))
+                g.oracle = g.oracle or runner.Oracle({}, {}, [reason])
                 finish(g)
     finally:
         executor.close()

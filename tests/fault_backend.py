@@ -4,6 +4,7 @@ Registered through ``DLCOMPARE_PLUGINS=name=tests.fault_backend:FAULT=<kind>``; 
 Everything else is the NumPy backend.
 """
 
+import dataclasses
 import os
 import signal
 import time
@@ -11,17 +12,24 @@ import time
 import numpy as np
 
 from backends import numpy_scratch
-from backends.numpy_scratch import CAPABILITIES, devices, probe  # noqa: F401  (the backend contract)
+from backends.numpy_scratch import CAPABILITIES, probe  # noqa: F401  (the backend contract)
 
 FAULT = os.environ.get("FAULT", "")
 if FAULT == "import":
     raise ImportError("No module named 'fancyframework'")
 
 
+def devices() -> list[str]:
+    """FAKE_CUDA=1 claims a CUDA device (and computes on the CPU): a cell the Ray tests can place on a GPU node."""
+    return ["cpu", "cuda"] if os.environ.get("FAKE_CUDA") else numpy_scratch.devices()
+
+
 class Model(numpy_scratch.Model):
     def __init__(self, spec, weights, options):
         if FAULT == "segfault":
             os.kill(os.getpid(), signal.SIGSEGV)
+        if os.environ.get("FAKE_CUDA"):
+            options = dataclasses.replace(options, device="cpu")
         super().__init__(spec, weights, options)
         self.steps = 0
 

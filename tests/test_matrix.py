@@ -148,3 +148,25 @@ def test_x_fastest_never_divides_times_of_different_runs_or_nodes():
     one_node = [_timed("jax", 0.004, "r1", small), _timed("numpy", 0.008, "r1", small)]
     table, headers = report.speed_rows(one_node)
     assert "run" not in headers and "node" not in headers
+
+
+class _BrokenExecutor(_InterruptingExecutor):
+    """The executor itself fails after the first cell (a cluster lost mid-run, a bug)."""
+
+    def run(self, groups, on_oracle, on_cell, progress):
+        (g,) = groups
+        on_oracle(g, executors.oracle_work(g.job, g.cfg, g.options))
+        on_cell(g.cells[0], executors.cell_work(g.spec, g.job, g.oracle, g.cells[0], {"executor": "fake"}))
+        raise RuntimeError("connection to the cluster lost")
+
+
+def test_a_failing_executor_keeps_the_finished_cells_and_names_itself_in_the_others():
+    cfg = runner.CompareConfig(model="mlp_431", backends=["numpy", "numpy"], steps=3, timing=False, repeat=False)
+    handed, lines = [], []
+    (res,) = executors.run_groups([cfg], _BrokenExecutor(), progress=lines.append, on_group=handed.append)
+    assert handed == [res] and not res["interrupted"]
+    first, second = res["rows"][:2], res["rows"][2:]
+    assert {r.status for r in first} == {Status.PASS}
+    assert {r.status for r in second} == {Status.ERROR}
+    assert all("the fake executor failed: RuntimeError: connection to the cluster lost" in r.reason for r in second)
+    assert any("connection to the cluster lost" in ln for ln in lines)
