@@ -262,13 +262,12 @@ def test_ctrl_c_cancels_the_rest_and_keeps_the_finished_cells(cluster, results_d
 
 def test_a_node_that_disappears_makes_error_rows_for_its_cells_only(cluster, results_dir):
     """Runs last: it kills the GPU node of the module's cluster."""
-    driver = Driver(cluster, results_dir, "--backends", "numpy,doomed", "--device", "cuda", "--timeout", "300")
+    driver = Driver(cluster, results_dir, "--backends", "doomed,numpy", "--device", "cuda", "--timeout", "300")
     driver.wait_for(lambda: _backend_workers("doomed", "cuda"))
     _kill_processes_mentioning(cluster.gpu_dir)  # the node's raylet, its workers and their subprocesses
     rc, out, err = driver.finish()
     assert rc == 1, err
     assert (results_dir / "raw").exists(), err
-
     rows = rows_of(only_record(results_dir))
     assert len(rows) == 2 * 2
     for b in (1, 3):
