@@ -75,6 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(HERE / "matrix-executors"), help="output path without extension")
     args = p.parse_args(argv)
 
+    commit = git_commit()  # of the code measured (read before the runs: an edit during them does not change it)
     runs = []
     for i in range(args.rounds):
         order = ("local", "ray") if i % 2 == 0 else ("ray", "local")
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
     result = {"what": "harness matrix --no-timing, local vs ray (a local Ray instance per command)",
               "models": args.models, "backends": args.backends or "all registered", "rounds": args.rounds,
               "machine": {"cpu": m["cpu"], "cores": m["cores"]}, "python": sys.version.split()[0],
-              "versions": versions, "commit": git_commit(), "limit": args.limit, "median_ratio": median,
+              "versions": versions, "commit": commit, "limit": args.limit, "median_ratio": median,
               "same_rows": same, "runs": runs, "verdict": "ok" if median <= args.limit and same else "too slow"
               if same else "rows differ"}
     out = Path(args.out)
@@ -114,9 +115,10 @@ def main(argv=None) -> int:
              "| round | order | local s | ray s | ray / local | rows | same rows and statuses |",
              "|---|---|---|---|---|---|---|"]
     for r in runs:
+        counts = r["local"]["counts"]
         lines.append(f"| {r['round'] + 1} | {' then '.join(r['order'])} | {r['local']['wall_s']:.1f} | "
                      f"{r['ray']['wall_s']:.1f} | {r['ratio']:.3f} | "
-                     f"{sum(r['local']['counts'].values())} ({', '.join(f'{n} {s}' for s, n in sorted(r['local']['counts'].items()))}) | "
+                     f"{sum(counts.values())} ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}) | "
                      f"{'yes' if r['same_rows'] else 'NO: ' + ', '.join(r['differences'])} |")
     lines += ["", f"Median ray / local: **{median:.3f}** (limit {args.limit}): **{result['verdict']}**.", ""]
     out.with_suffix(".md").write_text("\n".join(lines))
