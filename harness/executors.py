@@ -364,6 +364,14 @@ class RayExecutor:
                  f"{sum(n['Resources'].get('GPU', 0) for n in nodes):g} GPUs; {len(groups)} group(s), {len(cells)} "
                  f"cells" + (" (timed cells hold a whole node each)" if any(c.timed for c in cells) else ""))
         for g in groups:
+            if g.cfg.threads is None and not any(c.timed for c in g.cells):
+                # an agreement-only cell holds one CPU, so its worker (and the group's oracle) uses one intra-op thread,
+                # as --threads 1 sets it; frameworks' default pools, one per core, would fight over the cores of the
+                # cells packed beside it (measured: benchmarks/matrix-executors.md)
+                g.options = {**g.options, "threads": 1}
+                for c in g.cells:
+                    c.options = g.options
+                g.result["config"]["threads"] = 1
             job_ref = ray.put(g.job)
             oracle_ref = oracle_fn.options(num_cpus=1).remote(job_ref, g.cfg, g.options, ctx)
             pending[oracle_ref] = ("oracle", g)

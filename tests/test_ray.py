@@ -232,8 +232,9 @@ def test_cuda_cells_go_to_the_gpu_node_and_say_there_is_no_cuda_device(faulty_ru
 
 def test_rows_computed_on_ray_are_bit_identical_to_local_ones(faulty_run, results_dir):
     _, _, _, record, ray_dir = faulty_run
+    assert record["config"]["threads"] == 1  # on Ray an agreement-only cell holds one CPU and uses one thread
     assert main(["matrix", "--models", "mlp_431", "--dtypes", "float64", "--steps", "5", "--no-timing", "--no-repeat",
-                 "--backends", "numpy", "--results-dir", str(results_dir)]) == 0
+                 "--threads", "1", "--backends", "numpy", "--results-dir", str(results_dir)]) == 0
     local = only_record(results_dir)
     for b in (1, 3):
         assert rows_of(record)[("numpy", "cpu", b)]["losses"] == rows_of(local)[("numpy", "cpu", b)]["losses"]
