@@ -180,18 +180,19 @@ def _cell(device, timed):
 def test_ray_placement_timed_cells_hold_a_whole_node_and_cuda_cells_a_gpu(monkeypatch):
     pytest.importorskip("ray")
     ex = executors.RayExecutor()  # no address: nothing is started until a run
-    nodes = [{"NodeID": "cpu-node", "Resources": {"CPU": 8.0}},
-             {"NodeID": "gpu-node", "Resources": {"CPU": 16.0, "GPU": 2.0}},
-             {"NodeID": "small-node", "Resources": {"CPU": 2.0}}]
+    cpu_node, gpu_node, small_node = "a1" * 28, "b2" * 28, "c3" * 28  # Ray node ids are 56 hex digits
+    nodes = [{"NodeID": cpu_node, "Resources": {"CPU": 8.0}},
+             {"NodeID": gpu_node, "Resources": {"CPU": 16.0, "GPU": 2.0}},
+             {"NodeID": small_node, "Resources": {"CPU": 2.0}}]
     monkeypatch.setattr(ex, "nodes", lambda: nodes)
     assert ex.placement(_cell("cpu", False)) == {"num_cpus": 1, "num_gpus": 0}
     assert ex.placement(_cell("cuda", False)) == {"num_cpus": 1, "num_gpus": 1}
     timed_cpu = [ex.placement(_cell("cpu", True)) for _ in range(4)]
     assert [(p["num_cpus"], p["num_gpus"], p["scheduling_strategy"].node_id) for p in timed_cpu] == [
-        (8.0, 0, "cpu-node"), (16.0, 0, "gpu-node"), (2.0, 0, "small-node"), (8.0, 0, "cpu-node")]
+        (8.0, 0, cpu_node), (16.0, 0, gpu_node), (2.0, 0, small_node), (8.0, 0, cpu_node)]
     assert all(p["scheduling_strategy"].soft is False for p in timed_cpu)
     timed_cuda = ex.placement(_cell("cuda", True))
     assert (timed_cuda["num_cpus"], timed_cuda["num_gpus"], timed_cuda["scheduling_strategy"].node_id) == (
-        16.0, 2.0, "gpu-node")
+        16.0, 2.0, gpu_node)
     monkeypatch.setattr(ex, "nodes", lambda: nodes[::2])  # no GPU anywhere
     assert ex.placement(_cell("cuda", False)) is None and ex.placement(_cell("cuda", True)) is None
