@@ -150,7 +150,10 @@ def node_info(executor: str) -> dict:
     if executor == "ray":
         import ray
 
+        from .results import git_commit
+
         out["ray_node"] = ray.get_runtime_context().get_node_id()
+        out["commit"] = git_commit()  # of the dlcompare this node runs: it should be the command's
     return out
 
 
@@ -296,6 +299,10 @@ class RayExecutor:
             _probe(self.address)  # a wrong address fails before any work starts
         self.started_here = False
         self._rr: dict[bool, int] = {}
+        self._warned: set = set()
+        from .results import git_commit
+
+        self._commit = git_commit()
 
     def start(self) -> None:
         ray = self.ray
@@ -399,6 +406,7 @@ class RayExecutor:
                     try:
                         out = ray.get(ref)
                         rows, line = out["rows"], f"on {node_label(out['node'])} ({out['seconds']:.1f} s)"
+                        self._check_commit(out["node"], progress)
                     except ray.exceptions.RayError as e:
                         reason = ray_error_reason(e)
                         rows, line = placeholder_rows(what, Status.ERROR, reason), ""
@@ -429,6 +437,15 @@ class RayExecutor:
             except Exception:  # noqa: BLE001
                 pass
             raise
+
+    def _check_commit(self, node: dict, progress) -> None:
+        """Warn once per node that runs another dlcompare commit than this command (its rows may differ)."""
+        theirs = node.get("commit")
+        if not theirs or theirs == self._commit or node.get("ray_node") in self._warned:
+            return
+        self._warned.add(node.get("ray_node"))
+        progress(f"warning: {node_label(node)} runs dlcompare {theirs}, this command {self._commit}: install the same "
+                 f"checkout on every node, or its rows may not be this commit's")
 
     def _snapshot(self, tracker) -> dict:
         """The cells that have started, and where; empty when the tracker cannot answer (progress only)."""

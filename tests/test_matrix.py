@@ -196,3 +196,16 @@ def test_ray_placement_timed_cells_hold_a_whole_node_and_cuda_cells_a_gpu(monkey
         16.0, 2.0, gpu_node)
     monkeypatch.setattr(ex, "nodes", lambda: nodes[::2])  # no GPU anywhere
     assert ex.placement(_cell("cuda", False)) is None and ex.placement(_cell("cuda", True)) is None
+
+
+def test_ray_warns_once_per_node_that_runs_another_commit(monkeypatch):
+    pytest.importorskip("ray")
+    ex = executors.RayExecutor()
+    lines = []
+    node = {"hostname": "n1", "cores": 4, "gpus": [], "ray_node": "ab" * 28, "commit": "0123456789ab"}
+    ex._commit = "fedcba987654"
+    ex._check_commit(node, lines.append)
+    ex._check_commit(node, lines.append)
+    ex._check_commit({**node, "ray_node": "cd" * 28, "commit": "fedcba987654"}, lines.append)  # the same commit
+    ex._check_commit({**node, "ray_node": "ef" * 28, "commit": None}, lines.append)  # not a git checkout: unknown
+    assert len(lines) == 1 and "runs dlcompare 0123456789ab, this command fedcba987654" in lines[0]
