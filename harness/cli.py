@@ -69,6 +69,11 @@ def _devices(text: str) -> list[str]:
     return [d.strip() for d in text.split(",") if d.strip()]
 
 
+def _backends_arg(text: str | None) -> list[str]:
+    """--backends of compare and matrix: comma-separated names, default every registered backend."""
+    return [b.strip() for b in text.split(",") if b.strip()] if text else list(backends.REGISTRY)
+
+
 def _register_files(paths: list[str]) -> dict:
     """Read and register each user file (harness.usercode.inspect_file: bad input is a UserError before any work)."""
     from . import usercode
@@ -131,8 +136,7 @@ def cmd_compare(args) -> int:
     else:
         rounds = 5
     results_dir = Path(args.results_dir)
-    backends_list = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else \
-        list(backends.REGISTRY)
+    backends_list = _backends_arg(args.backends)
     files = _register_files(args.backend_file or [])
     backends_list += [name for name in files if name not in backends_list]
     cfg = runner.CompareConfig(
@@ -201,8 +205,9 @@ def matrix_configs(args) -> list[runner.CompareConfig]:
     dtypes = None if args.dtypes == "model" else _names(args.dtypes, DTYPES, "--dtypes")
     modes = _names(args.modes, ("aligned", "native"), "--modes")
     seeds = parse_seeds(args.seeds)
-    backends_list = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else \
-        list(backends.REGISTRY)
+    backends_list = _backends_arg(args.backends)
+    batch_sizes = runner.parse_int_list(args.batch_sizes, "--batch-sizes") if args.batch_sizes else None
+    devices = _devices(args.device)
     cfgs = []
     for model in models:
         for dtype in dtypes or [get_model(model).dtype if model in MODELS else None]:
@@ -210,8 +215,7 @@ def matrix_configs(args) -> list[runner.CompareConfig]:
                 for seed in seeds:
                     cfg = runner.CompareConfig(
                         model=model, backends=backends_list, dtype=dtype, mode=mode, seed=seed, steps=args.steps,
-                        batch_sizes=runner.parse_int_list(args.batch_sizes, "--batch-sizes") if args.batch_sizes
-                        else None, devices=_devices(args.device), timing=not args.no_timing, timeout=args.timeout,
+                        batch_sizes=batch_sizes, devices=devices, timing=not args.no_timing, timeout=args.timeout,
                         threads=args.threads, repeat=not args.no_repeat, data_dir=args.data_dir)
                     runner.validate(cfg)
                     cfgs.append(cfg)
@@ -224,6 +228,7 @@ def cmd_matrix(args) -> int:
     from tabulate import tabulate
 
     from .executors import run_groups
+    from .report import status_counts
     from .results import check_writable, write_run
 
     cfgs = matrix_configs(args)
@@ -237,12 +242,9 @@ def cmd_matrix(args) -> int:
 
     def on_group(result: dict) -> None:
         json_path, _ = write_run(result, results_dir)
-        counts: dict[str, int] = {}
-        for r in result["rows"]:
-            counts[str(r["status"])] = counts.get(str(r["status"]), 0) + 1
         cfg = result["config"]
         summary.append([result["spec"].name, result["spec"].dtype, cfg["mode"], cfg["seed"],
-                        ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "-",
+                        status_counts(r["status"] for r in result["rows"]) or "-",
                         "interrupted" if result["interrupted"] else "", json_path.name])
         _progress(f"wrote {json_path} ({summary[-1][4]})")
 

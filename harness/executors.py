@@ -416,7 +416,7 @@ class RayExecutor:
                     last = time.monotonic()
                 if time.monotonic() - checked > self.NODES_EVERY_S:
                     checked = time.monotonic()
-                    self._drop_unplaceable(pending, finished, started(), on_cell, progress)
+                    self._drop_unplaceable(pending, finished, started, on_cell, progress)
                 if time.monotonic() - last > self.STATUS_EVERY_S:
                     snap = started()
                     now = {k: v for k, v in snap.items() if k not in finished}
@@ -454,13 +454,16 @@ class RayExecutor:
         except Exception:  # noqa: BLE001 - the counts of a progress line never stop the run
             return {}
 
-    def _drop_unplaceable(self, pending: dict, finished: set, started: dict, on_cell, progress) -> None:
+    def _drop_unplaceable(self, pending: dict, finished: set, started: Callable[[], dict], on_cell,
+                          progress) -> None:
         """A queued CUDA cell waits for a GPU; when the last GPU node has left the cluster it would wait for ever:
         cancel it, with an error row that says why."""
-        if any(n["Resources"].get("GPU") for n in self.nodes()):
+        if not any(kind == "cell" and what.device == "cuda" for kind, what in pending.values()) or \
+                any(n["Resources"].get("GPU") for n in self.nodes()):
             return
+        running = started()
         for ref, (kind, what) in list(pending.items()):
-            if kind == "cell" and what.device == "cuda" and what.key not in started:
+            if kind == "cell" and what.device == "cuda" and what.key not in running:
                 self.ray.cancel(ref)
                 del pending[ref]
                 finished.add(what.key)

@@ -6,6 +6,7 @@ each row key (backend, dtype, mode, device, batch size) the newest record wins, 
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from tabulate import tabulate
@@ -261,20 +262,22 @@ def seed_rows(records: list[dict], model: str) -> list[list]:
     out = []
     for (_key, steps), seeded in by_key.items():
         r0 = seeded[0][1]
-        counts: dict[str, int] = {}
-        for _, row in seeded:
-            counts[str(row["status"])] = counts.get(str(row["status"]), 0) + 1
         ratios = [max(wr.values()) for _, row in seeded if (wr := (row.get("agreement") or {}).get("worst_ratio"))]
         bad = sorted(seed for seed, row in seeded if row["status"] not in GOOD)
         out.append([label(r0), r0["dtype"], r0["mode"], r0["device"], r0["batch_size"], steps,
                     _seed_text(sorted(seed for seed, _ in seeded)),
-                    ", ".join(f"{n} {st}" for st, n in sorted(counts.items())),
+                    status_counts(row["status"] for _, row in seeded),
                     f"{max(ratios):.2g}" if ratios else "-", _seed_text(bad) if bad else "-"])
     return sorted(out, key=lambda r: (r[1], r[2], r[5], r[4], r[3], r[0]))
 
 
 SEED_HEADERS = ["backend", "dtype", "mode", "device", "batch", "steps", "seeds", "rows", "worst error / bound",
                 "seeds not passing"]
+
+
+def status_counts(statuses) -> str:
+    """'14 pass, 4 skipped': how many rows have each status, in the statuses' alphabetical order."""
+    return ", ".join(f"{n} {st}" for st, n in sorted(Counter(map(str, statuses)).items()))
 
 
 def _seed_text(seeds: list[int]) -> str:
