@@ -7,10 +7,12 @@ Reads one JSON command per line on stdin and answers one JSON line per command o
 
 * ``{"cmd": "build", "model", "batch_size", "steps", "dtype", "threads", "seed"}``: the backend's ``Model`` from the
   spec and the harness's canonical initial weights, and ``steps`` batches of the harness's own data and batch order,
-  stacked in memory as the harness stacks them -> ``{"ok": true, "version", "build_s"}``, ``{"skip": reason}``
-  (framework missing, configuration unsupported) or ``{"error": traceback}``;
-* ``{"cmd": "round"}``: ``model.train_steps(xs, ys)`` -- the call the harness times -- between two ``model.sync()``
-  -> ``{"ok": true, "worker_s": seconds measured here, "finite": bool}``;
+  stacked in memory as the harness stacks them and staged on the model's device as ``harness.timing.stage`` stages
+  them (untimed) -> ``{"ok": true, "version", "build_s", "data_on_device"}``, ``{"skip": reason}`` (framework
+  missing, configuration unsupported) or ``{"error": traceback}``;
+* ``{"cmd": "round"}``: ``harness.timing.timed_call``: ``model.train_steps(xs, ys)`` between two ``model.sync()``,
+  the call ``harness.timing.time_steps`` times -> ``{"ok": true, "worker_s": seconds measured here, "finite": bool}``
+  (finite: the first weight tensor after the round);
 * ``{"cmd": "quit"}``.
 """
 
@@ -41,7 +43,7 @@ def main() -> int:
 
     import backends
     from backends.base import BuildOptions, Unsupported
-    from harness import runner
+    from harness import runner, timing
     from models import get_model, init_weights
 
     mod = None
@@ -76,13 +78,12 @@ def main() -> int:
                 except Unsupported as e:
                     reply({"skip": f"{backend}: {e}"})
                     continue
-                reply({"ok": True, "version": version, "build_s": time.perf_counter() - t})
+                build_s = time.perf_counter() - t
+                xs, ys, staged = timing.stage(model, xs, ys)  # as harness/timing.time_steps stages them, untimed
+                reply({"ok": True, "version": version, "build_s": build_s, "data_on_device": staged})
             elif cmd["cmd"] == "round":
-                model.sync()
-                t = time.perf_counter()
-                losses = model.train_steps(xs, ys)
-                model.sync()
-                reply({"ok": True, "worker_s": time.perf_counter() - t, "finite": bool(np.all(np.isfinite(losses)))})
+                seconds = timing.timed_call(model, xs, ys)  # the call harness/timing.time_steps times
+                reply({"ok": True, "worker_s": seconds, "finite": bool(np.all(np.isfinite(model.get_weights()[0])))})
             else:
                 reply({"error": f"unknown command {cmd['cmd']!r}"})
         except Exception:

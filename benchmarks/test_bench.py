@@ -14,8 +14,10 @@ Design (why a subprocess per backend, and what exactly is timed):
   ``jax_enable_x64`` is per process, and the thread pools of TF, torch and XLA would compete for the 2 cores if they
   lived side by side.  The pytest process imports no framework.
 * What is timed is what ``harness/timing.py`` times, in the backend's own process: ``model.train_steps(xs, ys)`` on
-  ``--bench-steps`` in-memory batches (NumPy in, with the backend's conversions), between two ``model.sync()``, read
-  with ``time.perf_counter`` in the worker.  That worker-side duration is fed to pytest-benchmark through its public
+  ``--bench-steps`` in-memory batches, staged on the model's device once and untimed (``harness.timing.stage``),
+  between two ``model.sync()``, read with ``time.perf_counter`` in the worker: the worker calls the harness's own
+  ``harness.timing.stage`` and ``timed_call`` (``tests/test_timing.py`` checks the call sequence of both).  That
+  worker-side duration is fed to pytest-benchmark through its public
   per-test ``timer`` option (``@pytest.mark.benchmark(timer=WORKER_CLOCK)``): :data:`WORKER_CLOCK` is a clock that
   advances by exactly the duration the worker measured, once per round.  One benchmark round is one command to the
   worker, handed to ``benchmark.pedantic(..., iterations=steps)``: pytest-benchmark reads its timer, calls the target
@@ -118,11 +120,11 @@ def test_train_step(benchmark, case, workers, bench_options):
     benchmark.extra_info.update(backend=backend, version=built["version"], model=model, batch_size=batch, dtype=dtype,
                                 threads=o["threads"] or "framework default", steps_per_round=o["steps"],
                                 build_s=round(built["build_s"], 4),
-                                timed="model.train_steps on in-memory NumPy batches, device sync per round; "
+                                timed="model.train_steps on in-memory batches staged on the device, device sync per round; "
                                       "statistics per train step")
     benchmark.pedantic(target, rounds=o["rounds"], warmup_rounds=o["warmup"], iterations=o["steps"])
 
-    assert target.finite, f"{backend} {model} batch {batch}: non-finite loss during the benchmark"
+    assert target.finite, f"{backend} {model} batch {batch}: non-finite weights during the benchmark"
     w = o["warmup"] if len(target.worker_s) > o["warmup"] else 0
     benchmark.extra_info["parent_wall_per_step_s"] = statistics.median(target.parent_s[w:]) / o["steps"]
     if w:
