@@ -2,7 +2,7 @@
 
 * ``toy_431``: the 3-sample toy set of the 4-3-1 tutorial, defined here.
 * ``or_gate``: the OR truth table of the TF1 perceptron tutorial (inputs with a constant third 1), defined here.
-* ``pima``: the Pima Indians Diabetes CSV bundled in ``models/data/`` (sha256 checked on every load), or a user's own
+* ``pima``: the Pima Indians Diabetes CSV bundled in ``models/bundled-data/`` (sha256 checked on every load), or a user's own
   ``pima-indians-diabetes.csv`` in ``data_dir`` / ``$DLCOMPARE_DATA_DIR``.
 * ``mnist``: the first of ``data_dir``, ``$DLCOMPARE_DATA_DIR``, Keras' ``~/.keras/datasets/mnist.npz``, a torchvision
   ``./data/MNIST/raw`` folder, and finally the bundled 5,000-digit subset (shuffled with seed 0, split 4,000 / 1,000).
@@ -41,7 +41,7 @@ DATASETS: tuple[str, ...] = ("toy_431", "or_gate", "pima", "mnist", "fashion_mni
 ENV_VAR = "DLCOMPARE_DATA_DIR"
 
 # Module-level paths, so that tests (and odd installations) can point them elsewhere.
-BUNDLED_DIR = Path(__file__).resolve().parent / "data"
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled-data"
 PIMA_CSV = BUNDLED_DIR / "pima-indians-diabetes.csv"
 PIMA_SHA256 = "33e704cdafa8769a75728e4658dcce5bc1da1ce36174603687fe545f46e39394"
 MNIST_5K_DIR = BUNDLED_DIR / "mnist-5k"
@@ -227,11 +227,11 @@ def _pima(dirs: list[tuple[Path, str]]) -> Dataset:
             break
     else:
         fix = (
-            "reinstall dlcompare or restore the file from git (`git checkout -- models/data`), or put your own "
+            "reinstall dlcompare or restore the file from git (`git checkout -- models/bundled-data`), or put your own "
             f"pima-indians-diabetes.csv in a folder given by --data-dir or ${ENV_VAR}"
         )
         _check_sha256(PIMA_CSV, PIMA_SHA256, fix)
-        data, source = _read_pima_csv(PIMA_CSV), f"bundled {PIMA_CSV.name} (models/data), sha256 verified"
+        data, source = _read_pima_csv(PIMA_CSV), f"bundled {PIMA_CSV.name} (models/bundled-data), sha256 verified"
     return Dataset("pima", data[:, :8].copy(), data[:, 8:].copy(), None, None, source)
 
 
@@ -416,7 +416,7 @@ def _images(name: str, data_dir: str | os.PathLike | None) -> Dataset:
 
 
 def _bundled_mnist() -> Dataset:
-    fix = "reinstall dlcompare or restore the folder from git (`git checkout -- models/data/mnist-5k`)"
+    fix = "reinstall dlcompare or restore the folder from git (`git checkout -- models/bundled-data/mnist-5k`)"
     paths = {}
     for fname, expected in MNIST_5K_SHA256.items():
         path = MNIST_5K_DIR / fname
@@ -434,7 +434,7 @@ def _bundled_mnist() -> Dataset:
     perm = np.random.default_rng(MNIST_5K_SEED).permutation(len(x))
     x, y = x[perm], y[perm]
     n = MNIST_5K_TRAIN
-    source = f"bundled MNIST 5k subset (models/data/mnist-5k), shuffled seed {MNIST_5K_SEED}, split {n}/{len(x) - n}"
+    source = f"bundled MNIST 5k subset (models/bundled-data/mnist-5k), shuffled seed {MNIST_5K_SEED}, split {n}/{len(x) - n}"
     return Dataset("mnist", x[:n], y[:n], x[n:], y[n:], source)
 
 
@@ -475,7 +475,7 @@ def fetch(
         raise DataError(f"unknown data set {name!r}; valid names: {', '.join(DATASETS)}")
     if name not in CHECKSUMS:
         raise DataError(
-            f"{name!r} is bundled with dlcompare (models/data); there is nothing to download. "
+            f"{name!r} is bundled with dlcompare (models/bundled-data); there is nothing to download. "
             f"fetch() downloads {' and '.join(CHECKSUMS)}"
         )
     say = progress or (lambda line: None)

@@ -111,7 +111,7 @@ def test_pima_bundled():
     assert (ds.y_train == 0).sum() == 500 and (ds.y_train == 1).sum() == 268
     assert ds.x_train.max() > 100  # unscaled
     assert ds.x_test is None and ds.y_test is None
-    assert "pima-indians-diabetes.csv" in ds.source
+    assert "pima-indians-diabetes.csv" in ds.source and "models/bundled-data" in ds.source
 
 
 def test_pima_checksum_mismatch(tmp_path, monkeypatch):
@@ -154,7 +154,7 @@ def test_bundled_mnist():
     assert set(ds.y_train) == set(ds.y_test) == set(range(10))
     counts = np.bincount(np.concatenate([ds.y_train, ds.y_test]))
     np.testing.assert_array_equal(counts, [500] * 10)
-    assert "bundled" in ds.source and "seed 0" in ds.source and "4000/1000" in ds.source
+    assert "models/bundled-data/mnist-5k" in ds.source and "seed 0" in ds.source and "4000/1000" in ds.source
 
 
 def test_bundled_mnist_deterministic_and_fresh():
