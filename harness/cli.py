@@ -24,6 +24,7 @@ from . import runner
 from .executors import EXECUTORS, get_executor
 from .runner import UserError
 from .status import GOOD, Status
+from .sweep import DEFAULT_BATCH_SIZES as DEFAULT_SWEEP_BATCHES
 
 
 def _err(msg: str) -> None:
@@ -369,6 +370,36 @@ class _ProgressBar:
             self.shown = False
 
 
+# ------------------------------------------------------------------------------------------------------------ sweep
+def _ints(text: str, what: str) -> list[int]:
+    return runner.parse_int_list(text, what) if text else []
+
+
+def cmd_sweep(args) -> int:
+    from . import sweep
+    from .results import check_writable
+
+    cfg = sweep.SweepConfig(
+        model=args.model, backends=_backends_arg(args.backends) if args.backends else list(sweep.SWEEP_BACKENDS),
+        batch_sizes=_ints(args.batch_sizes, "--batch-sizes"), widths=_ints(args.widths, "--widths"),
+        width_batch=args.width_batch, dtype=args.dtype, device=args.device, threads=args.threads or None,
+        rounds=args.rounds, steps=args.steps, seed=args.seed, fast=args.fast, timeout=args.timeout,
+        data_dir=args.data_dir)
+    if args.threads is not None and args.threads < 0:
+        raise UserError(f"--threads must be 0 (each framework's default) or at least 1, got {args.threads}")
+    sweep.validate(cfg)
+    results_dir = Path(args.results_dir)
+    check_writable(results_dir)  # before any work starts
+    record = sweep.run(cfg, progress=_progress)
+    path = sweep.write(record, results_dir)
+    written = sweep.write_report(record, results_dir)
+    print(sweep.markdown(record).split("## Every point")[0].rstrip())
+    print(f"\nraw results: {path}\n" + "\n".join(f"wrote {p}" for p in written))
+    if record["interrupted"]:
+        return 130
+    return 1 if any(r["status"] in ("error", "diverged") for r in record["rows"]) else 0
+
+
 # ----------------------------------------------------------------------------------------------------------- report
 def cmd_report(args) -> int:
     from .report import build_reports
@@ -614,6 +645,29 @@ missing, an unknown model or option); 130 interrupted.""")
     p.add_argument("--batch-size", type=int, help="default: the model's N")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="cost versus work: every backend timed over batch sizes (and MLP widths) beside "
+                                     "the machine's measured matrix-multiply rate; tables and log-log plots")
+    p.add_argument("--model", default="mnist_mlp", help=f"one of: {', '.join(MODELS)} (default: mnist_mlp)")
+    p.add_argument("--backends", help="comma-separated (default: all; those not installed are skipped rows)")
+    p.add_argument("--batch-sizes", default=",".join(str(b) for b in DEFAULT_SWEEP_BATCHES),
+                   help="comma-separated (default: 1,2,4,...,1024; empty to skip the batch sweep)")
+    p.add_argument("--widths", default="", help="comma-separated hidden widths of an MLP, timed at --width-batch, "
+                                                "e.g. 16,32,...,2048 (default: none)")
+    p.add_argument("--width-batch", type=int, default=100, help="batch size of the width sweep (default 100)")
+    p.add_argument("--dtype", help="float32 or float64 (default: the model's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads of every backend and of the "
+                                                          "matrix-multiply measurement (default 1; 0: each framework's "
+                                                          "default)")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds per point (default 5)")
+    p.add_argument("--steps", type=int, default=10, help="distinct batches per timed round (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="initial weights and batch order (default 0)")
+    p.add_argument("--fast", action="store_true", help="each backend's fast mode (jit_compile, CUDA graphs, scan)")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per backend subprocess (default 1800)")
+    p.add_argument("--data-dir", help="where to look for data first")
+    p.add_argument("--results-dir", default=str(_default_results()), help="where the raw record, table and plots go")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="regenerate results/<model>.md from the raw results")
     p.add_argument("--model", help="only this model (a built-in name or a model file)")

@@ -81,3 +81,58 @@ def step_times(model: str, rows: list[dict], out: Path) -> Path | None:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def sweep_per_sample(record: dict, out: Path) -> Path | None:
+    """The batch sweep: per-sample time against batch size, log-log, one line per backend."""
+    rows = [r for r in record["rows"] if r["status"] == "ok" and r.get("timing") and r["sweep"] == "batch"]
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for name in sorted({r["backend"] for r in rows}):
+        sel = sorted((r for r in rows if r["backend"] == name), key=lambda r: r["batch"])
+        ax.plot([r["batch"] for r in sel], [r["timing"]["median_s"] * 1e6 / r["batch"] for r in sel], "o-", ms=3,
+                label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("µs per sample (median step time / batch)")
+    ax.set_title(f"{record['model']} ({record['dtype']}, {record['device']}): cost per sample vs batch size")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def sweep_flops(record: dict, out: Path) -> Path | None:
+    """Step time against FLOPs per step, log-log, with the time the measured matrix-multiply rate would take."""
+    rows = [r for r in record["rows"] if r["status"] == "ok" and r.get("timing")]
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for i, name in enumerate(sorted({r["backend"] for r in rows})):
+        for kind, marker in (("batch", "o-"), ("width", "s--")):
+            sel = sorted((r for r in rows if r["backend"] == name and r["sweep"] == kind), key=lambda r: r["flops"])
+            if sel:
+                ax.plot([r["flops"] for r in sel], [r["timing"]["median_s"] * 1e3 for r in sel], marker, ms=3,
+                        color=f"C{i}", label=f"{name} ({kind} sweep)" if kind == "width" else name, alpha=0.85)
+    peak = (record.get("peak") or {}).get("gflops")
+    if peak:
+        f = sorted(r["flops"] for r in rows)
+        ax.plot([f[0], f[-1]], [f[0] / peak / 1e6, f[-1] / peak / 1e6], "k:", lw=2,
+                label=f"the measured matmul limit ({peak:.0f} GFLOP/s)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("matmul FLOPs per training step")
+    ax.set_ylabel("ms per step (median)")
+    ax.set_title(f"{record['model']} ({record['dtype']}, {record['device']}): step time vs work")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -400,6 +400,11 @@ def build_reports(results_dir: Path = DEFAULT_RESULTS_DIR, models: list[str] | N
         from .selftest import write_summaries
 
         written += write_summaries(records, Path(results_dir))
+    from . import sweep
+
+    for rec in sweep.newest_records(records):  # results/sweep-<model>[-<device>][-<dtype>].md and its plots
+        if models is None or rec["model"] in models:
+            written += sweep.write_report(rec, Path(results_dir), plots=plots)
     recorded = [r["model"] for r in records if r.get("kind", "compare") == "compare" and r.get("model") not in MODELS]
     for model in models or list(MODELS) + sorted(set(recorded)):
         md = model_markdown(model, records)
