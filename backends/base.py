@@ -157,7 +157,17 @@ class Model(Protocol):
     # Optional, used by the timing protocol when present:
     #   to_device(xs, ys) -> (xs, ys): the stacked batches as framework tensors on the model's device, accepted by
     #       train_steps, so that timed rounds do not count host-to-device conversion (data loading is not timed).
-    #   gpu_peak_mb() -> float: peak device memory allocated by the framework so far.
+    #   gpu_peak_mb() -> float | None: the peak device memory, in MiB (2**20 bytes, see :func:`to_mib`), allocated by
+    #       the framework in this process so far on the model's CUDA device: memory handed to arrays / tensors, not
+    #       what a caching allocator reserved (cupy, which keeps no peak counter, reports its pool's size instead:
+    #       ``numpy_scratch.Model.gpu_peak_mb``); the framework's own counter, so it covers every model of the
+    #       process.  None when the model runs on the CPU, or where the framework keeps no such statistic (the row
+    #       then has no GPU column).
+
+
+def to_mib(nbytes: float | None) -> float | None:
+    """Bytes in MiB (2**20 bytes), the unit of ``gpu_peak_mb``; None stays None."""
+    return None if nbytes is None else float(nbytes) / 2**20
 
 
 class ModelBase:

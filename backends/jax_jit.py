@@ -132,6 +132,7 @@ from .base import (
     Unsupported,
     lookup,
     one_minus_beta_diffs,
+    to_mib,
     value_diff,
 )
 
@@ -1074,3 +1075,14 @@ class Model(ModelBase):
 
     def sync(self) -> None:
         jax.block_until_ready((self.params, self.state))
+
+    def gpu_peak_mb(self) -> float | None:
+        """Peak MiB in use on the model's GPU in this process, from XLA's allocator (``Device.memory_stats()
+        ["peak_bytes_in_use"]``: bytes handed to buffers, not the pool XLA preallocates); None on the CPU, and where
+        the allocator keeps no such statistic (``memory_stats()`` None or without the key, e.g.
+        ``XLA_PYTHON_CLIENT_ALLOCATOR=platform``)."""
+        if self.options.device != "cuda":
+            return None
+        stats = self.device.memory_stats()
+        peak = stats.get("peak_bytes_in_use") if stats else None
+        return None if peak is None or peak < 0 else to_mib(peak)  # -1: a platform's "unavailable"

@@ -179,7 +179,17 @@ from models.spec import (  # noqa: E402
     init_state,
 )
 
-from .base import BuildOptions, Capabilities, ModelBase, Unsupported, fmt, lookup, one_minus_beta_diffs, value_diff  # noqa: E402
+from .base import (  # noqa: E402
+    BuildOptions,
+    Capabilities,
+    ModelBase,
+    Unsupported,
+    fmt,
+    lookup,
+    one_minus_beta_diffs,
+    to_mib,
+    value_diff,
+)
 
 BACKEND = keras.backend.backend()
 NAME = {"tensorflow": "keras", "jax": "keras-jax", "torch": "keras-torch"}.get(BACKEND, f"keras-{BACKEND}")
@@ -1296,3 +1306,21 @@ class Model(ModelBase):
                 v.value.block_until_ready()
         elif BACKEND == "tensorflow":
             tf.test.experimental.sync_devices()
+
+    def gpu_peak_mb(self) -> float | None:
+        """Peak MiB the Keras backend's framework had allocated on the GPU in this process, from the same counter as
+        that framework's own backend module: on torch ``torch.cuda.max_memory_allocated`` of the current CUDA device
+        (Keras's "gpu" scope is torch's "cuda"), on JAX ``jax.devices("gpu")[0].memory_stats()["peak_bytes_in_use"]``
+        (Keras's "gpu" is the GPU with id 0; None if the allocator keeps no such statistic), on TensorFlow
+        ``tf.config.experimental.get_memory_info("GPU:0")["peak"]``.  None on the CPU."""
+        if self.options.device != "cuda":
+            return None
+        if BACKEND == "torch":
+            return to_mib(torch.cuda.max_memory_allocated(torch.device("cuda")))
+        if BACKEND == "jax":
+            stats = jax.devices("gpu")[0].memory_stats()
+            peak = stats.get("peak_bytes_in_use") if stats else None
+            return None if peak is None or peak < 0 else to_mib(peak)
+        if BACKEND == "tensorflow":
+            return to_mib(tf.config.experimental.get_memory_info("GPU:0")["peak"])
+        return None

@@ -36,7 +36,7 @@ from models.spec import (
     init_state,
 )
 
-from .base import BuildOptions, Capabilities, ModelBase, Unsupported, lookup
+from .base import BuildOptions, Capabilities, ModelBase, Unsupported, lookup, to_mib
 
 _USE_CUPY = os.environ.get("DLCOMPARE_ARRAY_MODULE") == "cupy"
 BACKEND = "cupy" if _USE_CUPY else "numpy"
@@ -712,6 +712,7 @@ class Model(ModelBase):
             self.info["rounding_variant"] = "+".join(rounding)
         if spec.random_layers:  # no RNG of its own: the harness's masks in both modes (a native row stays comparable)
             self.info["dropout_masks"] = "harness"
+        self._pool_peak = 0  # cupy: the largest CuPy memory-pool size seen (gpu_peak_mb)
 
     def _in(self, x, y):
         xp = self.xp
@@ -753,6 +754,7 @@ class Model(ModelBase):
         x, y = self._host(x, y)
         loss, grads, state = self._loss_grads(*self._in(x, y))
         self._last = (self.t, x, y, loss, grads, state)
+        self._note_pool()
         return float(loss), [self._out(g) for g in grads]
 
     def train_step(self, x, y):
@@ -770,6 +772,7 @@ class Model(ModelBase):
             loss, grads, state = self._loss_grads(*self._in(x, y))
         self.state = state
         self._apply(grads)
+        self._note_pool()
         return float(loss)
 
     def _host(self, x, y):
@@ -805,3 +808,26 @@ class Model(ModelBase):
     def sync(self):
         if _USE_CUPY:
             self.xp.cuda.Stream.null.synchronize()
+
+    def _note_pool(self) -> None:
+        """cupy: keep the largest size of CuPy's memory pool seen (one counter read per step; nothing on NumPy)."""
+        if _USE_CUPY:
+            self._pool_peak = max(self._pool_peak, self.xp.get_default_memory_pool().total_bytes())
+
+    def gpu_peak_mb(self) -> float | None:
+        """cupy: the largest size, in MiB, of CuPy's default device memory pool seen after any ``train_step`` or
+        ``gradients`` call of this model or now (``cupy.get_default_memory_pool().total_bytes()``, on the current
+        device); None on NumPy (the CPU).
+
+        CuPy keeps no peak counter.  ``used_bytes()`` sampled after a step would miss the step's own temporaries
+        (activations, per-layer gradients: freed when it returns), the bulk of a training step's memory.  The pool
+        instead keeps every freed block cached for reuse, so its size (``total_bytes()``: blocks in use plus cached
+        free ones) only grows until something calls ``free_all_blocks()`` and, between such calls, is an upper bound
+        of the peak bytes in use: the peak allocation as the pool served it (sizes rounded up to 512-byte bins,
+        blocks split or not yet merged), not the exact peak of live arrays that torch / JAX / TF report.  It covers
+        every CuPy array of the process on that device, not this model's alone, and it counts nothing allocated
+        outside the pool (cuBLAS workspaces, CUDA context)."""
+        if not _USE_CUPY:
+            return None
+        self._note_pool()
+        return to_mib(self._pool_peak)

@@ -595,6 +595,10 @@ class Model(NativeNotes, ModelBase):
     def get_state(self):
         return [np.array(s) for s in self.sess.run(self.state)]
 
+    def gpu_peak_mb(self) -> float | None:
+        """See :func:`backends.tf2_tape.gpu_peak_mb`: TF's process-wide GPU:0 allocator also serves this session."""
+        return tf2_tape.gpu_peak_mb(self.options.device)
+
     def __del__(self):
         sess = getattr(self, "sess", None)
         if sess is not None:

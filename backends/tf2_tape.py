@@ -118,6 +118,7 @@ from .base import (  # noqa: E402
     fmt,
     lookup,
     one_minus_beta_diffs,
+    to_mib,
     value_diff,
 )
 
@@ -211,6 +212,16 @@ def set_threads(threads: int | None) -> None:
 def environment_info() -> dict:
     return {"tf_version": tf.__version__,
             "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset (oneDNN on by default on x86)")}
+
+
+def gpu_peak_mb(device: str) -> float | None:
+    """Peak MiB TensorFlow had in use on GPU:0 (the device every CUDA model of this module and of tf1_graph runs on) in
+    this process: ``tf.config.experimental.get_memory_info("GPU:0")["peak"]``, the allocator's peak bytes in use, not
+    the memory it reserved (by default nearly all of the GPU).  The allocator is per process and device, so it counts
+    TF1 sessions and eager work alike.  None on the CPU (where the call raises)."""
+    if device != "cuda":
+        return None
+    return to_mib(tf.config.experimental.get_memory_info("GPU:0")["peak"])
 
 
 def set_tf32(device: str, native: bool) -> dict:
@@ -1089,3 +1100,7 @@ class Model(NativeNotes, ModelBase):
     def sync(self):
         if self.options.device == "cuda":  # CPU ops are synchronous; GPU kernels are queued
             tf.test.experimental.sync_devices()
+
+    def gpu_peak_mb(self) -> float | None:
+        """See :func:`gpu_peak_mb` (module level)."""
+        return gpu_peak_mb(self.options.device)

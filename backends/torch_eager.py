@@ -172,7 +172,7 @@ from models.spec import (
     init_state,
 )
 
-from .base import BuildOptions, Capabilities, ModelBase, Unsupported, lookup, value_diff
+from .base import BuildOptions, Capabilities, ModelBase, Unsupported, lookup, to_mib, value_diff
 
 BACKEND = "torch"
 
@@ -1488,3 +1488,11 @@ class Model(ModelBase):
     def sync(self) -> None:
         if self.dev.type == "cuda":
             torch.cuda.synchronize(self.dev)
+
+    def gpu_peak_mb(self) -> float | None:
+        """Peak MiB that torch's caching allocator has handed to tensors on the model's CUDA device in this process
+        (``torch.cuda.max_memory_allocated(device)``: allocated, not reserved; never reset here, so it covers every
+        model this process built on that device); None on the CPU."""
+        if self.dev.type != "cuda":
+            return None
+        return to_mib(torch.cuda.max_memory_allocated(self.dev))
