@@ -410,12 +410,42 @@ def cmd_report(args) -> int:
             model = get_model(args.model).name if args.model not in MODELS else args.model  # a file: its spec's name
         except ValueError as e:
             raise UserError(str(e)) from None
+    if args.format != "md":
+        return _report_data(args, model)
+    if args.output:
+        raise UserError("--output goes with --format csv or json (the markdown report writes results/<model>.md)")
     paths = build_reports(Path(args.results_dir), [model] if model else None)
     if not paths:
         print(f"no raw results under {Path(args.results_dir) / 'raw'}; run `harness compare` first")
         return 1
     for p in paths:
         print(f"wrote {p}")
+    return 0
+
+
+def _report_data(args, model: str | None) -> int:
+    """``harness report --format csv|json``: every measured row (``harness.results.load_runs``) to stdout or a file."""
+    from .results import load_runs
+
+    runs = load_runs(Path(args.results_dir))
+    if model is not None and len(runs):
+        runs = runs[runs["model"] == model]
+    if not len(runs):
+        _err(f"no raw results{f' of {model}' if model else ''} under {Path(args.results_dir) / 'raw'}; run "
+             f"`harness compare` first")
+        return 1
+    text = runs.to_csv(index=False) if args.format == "csv" else runs.to_json(orient="records", indent=1)
+    if not args.output:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        return 0
+    out = Path(args.output)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(out)  # never a half-written file
+    except OSError as e:
+        raise UserError(f"cannot write {out} ({e.strerror or e}); pass a writable --output") from None
+    print(f"wrote {out} ({len(runs)} rows)")
     return 0
 
 
@@ -669,8 +699,13 @@ missing, an unknown model or option); 130 interrupted.""")
     p.add_argument("--results-dir", default=str(_default_results()), help="where the raw record, table and plots go")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("report", help="regenerate results/<model>.md from the raw results")
+    p = sub.add_parser("report", help="regenerate results/<model>.md from the raw results, or export every row as "
+                                      "CSV / JSON")
     p.add_argument("--model", help="only this model (a built-in name or a model file)")
+    p.add_argument("--format", default="md", choices=("md", "csv", "json"),
+                   help="md (default): write results/<model>.md, sweep tables and plots; csv / json: every measured "
+                        "row (harness.results.load_runs) to stdout or --output")
+    p.add_argument("--output", help="with --format csv or json: the file to write (default: stdout)")
     p.add_argument("--results-dir", default=str(_default_results()))
     p.set_defaults(func=cmd_report)
 

@@ -202,3 +202,101 @@ def _upgrade_statuses(rec: dict) -> dict:
         if row.get("status") in OLD_STATUS_WORDS:
             row["status"] = OLD_STATUS_WORDS[row["status"]]
     return rec
+
+
+# -------------------------------------------------------------------------------------------- results as a frame
+def _max(d: dict, pred) -> float | None:
+    vals = [v for k, v in d.items() if pred(k) and v is not None]
+    return max(vals) if vals else None
+
+
+def row_fields(row: dict, rec: dict | None = None) -> dict:
+    """One measured row of a ``compare`` record as flat columns (the record's fields first, then the row's)."""
+    from .executors import node_label
+
+    rec = rec or {}
+    meta = row.get("meta") or {}
+    t = meta.get("timing") or {}
+    agr = row.get("agreement") or {}
+    worst = agr.get("worst") or {}
+    ratio = agr.get("worst_ratio") or {}
+    seg = meta.get("segments") or []
+    first = seg[0][1] if seg and seg[0][0] == 1 else None
+    build = meta.get("build_s")
+    det = meta.get("determinism")
+    machine_ = rec.get("machine") or {}
+    diffs = list(row.get("native_differences") or [])
+    if row.get("not_comparable"):
+        diffs.append(f"not comparable: {row['not_comparable']}")
+    return {
+        "run_id": row.get("run_id") or rec.get("run_id"), "created_utc": rec.get("created_utc"),
+        "kind": rec.get("kind", "compare"), "model": rec.get("model"), "env": row.get("env_name", rec.get("env")),
+        "commit": rec.get("commit"), "cpu": machine_.get("cpu"), "cores": machine_.get("cores"),
+        "executor": rec.get("executor", "local"), "node": node_label(row.get("node")),
+        "version": (rec.get("versions") or {}).get(row["backend"]),
+        "backend": row["backend"], "fast": bool(row.get("fast")), "dtype": row["dtype"], "mode": row["mode"],
+        "device": row["device"], "batch": row["batch_size"], "seed": row.get("seed", rec.get("seed")),
+        "steps": row.get("steps", (rec.get("config") or {}).get("steps")),
+        "status": str(row["status"]), "reason": row.get("reason"),
+        "error_over_bound": max(ratio.values()) if ratio else None,  # the table's "error / bound"
+        "loss_err": worst.get("loss"), "grad_err": worst.get("grads"), "weight_err": worst.get("weights"),
+        "state_err": worst.get("state"), "pred_err": worst.get("pred"),
+        "invariance_err": _max(worst, lambda k: k.startswith("invariance")),
+        "repeat": None if not det else ("bit-identical" if det["bit_identical"] else
+                                        f"differs ({max(det['max_loss_diff'], det['max_weight_diff']):.1e})"),
+        "optimizer": (((meta.get("info") or {}).get("optimizer")) or None),
+        "native_differences": "; ".join(diffs) if diffs else None,
+        "build_s": build, "first_step_s": first,
+        "build_compile_s": None if build is None or first is None else build + first,
+        "median_s": t.get("median_s"), "iqr_s": t.get("iqr_s"), "samples_per_s": t.get("samples_per_s"),
+        "epoch_s": t.get("epoch_s"), "warmup_s": t.get("warmup_s"), "peak_rss_mb": t.get("peak_rss_mb"),
+        "gpu_peak_mb": t.get("gpu_peak_mb"),
+    }
+
+
+def sweep_fields(row: dict, rec: dict) -> dict:
+    """One point of a ``sweep`` record as the same flat columns (plus width, FLOPs and the fraction of the limit)."""
+    t = row.get("timing") or {}
+    peak = (rec.get("peak") or {}).get("gflops")
+    machine_ = rec.get("machine") or {}
+    build, first = row.get("build_s"), row.get("first_step_s")
+    return {
+        "run_id": rec.get("run_id"), "created_utc": rec.get("created_utc"), "kind": "sweep", "model": rec.get("model"),
+        "env": None, "commit": rec.get("commit"), "cpu": machine_.get("cpu"), "cores": machine_.get("cores"),
+        "executor": "local", "node": "-", "version": (rec.get("versions") or {}).get(row["backend"]),
+        "backend": row["backend"], "fast": bool((rec.get("config") or {}).get("fast")), "dtype": rec.get("dtype"),
+        "mode": "aligned", "device": rec.get("device"), "batch": row["batch"], "seed": (rec.get("config") or {}).get("seed"),
+        "status": row["status"], "reason": row.get("reason"), "sweep": row["sweep"], "width": row.get("width"),
+        "flops": row["flops"], "build_s": build, "first_step_s": first,
+        "build_compile_s": None if build is None or first is None else build + first,
+        "median_s": t.get("median_s"), "iqr_s": t.get("iqr_s"), "samples_per_s": t.get("samples_per_s"),
+        "warmup_s": t.get("warmup_s"), "peak_rss_mb": t.get("peak_rss_mb"), "gpu_peak_mb": t.get("gpu_peak_mb"),
+        "gflops": row["flops"] / t["median_s"] / 1e9 if t.get("median_s") else None,
+        "fraction_of_limit": row["flops"] / t["median_s"] / 1e9 / peak if t.get("median_s") and peak else None,
+    }
+
+
+def frame(rows: list[dict]):
+    """A pandas DataFrame of flat rows (``row_fields`` / ``sweep_fields``), missing values as None/NaN."""
+    import pandas as pd
+
+    return pd.DataFrame(rows)
+
+
+def load_runs(results_dir: Path = DEFAULT_RESULTS_DIR, kinds: tuple[str, ...] = ("compare", "sweep")):
+    """Every measured row of every raw record under ``results_dir/raw`` as one pandas DataFrame, oldest run first:
+    one row per backend x dtype x mode x device x batch size of a ``compare`` run (and per point of a ``sweep``),
+    with the run (``run_id``, ``created_utc``, ``env``, ``commit``, ``cpu``, ``cores``, ``node``, the backend's
+    ``version``), the configuration, ``status`` and ``reason``, the agreement (``error_over_bound``, ``*_err``) and
+    the timings (``build_compile_s``, ``first_step_s``, ``median_s``, ``iqr_s``, ``samples_per_s``, ...).
+    Self-test and hazards records (whose rows are of another kind) are left out."""
+    out = []
+    for rec in load_records(results_dir):
+        kind = rec.get("kind", "compare")
+        if kind not in kinds:
+            continue
+        if kind == "compare":
+            out += [row_fields(r, rec) for r in rec.get("rows", [])]
+        elif kind == "sweep":
+            out += [sweep_fields(r, rec) for r in rec.get("rows", [])]
+    return frame(out)
