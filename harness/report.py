@@ -157,7 +157,8 @@ def speed_rows(rows: list[dict]) -> tuple[list[list], list[str]]:
         out.append(([r["run_id"]] if runs else []) + ([r["node"]] if nodes else []) + [
             label(r), r["dtype"], r["device"], r["batch"], _fmt_s(r["build_compile_s"]), _fmt_s(r["first_step_s"]),
             f"{r['median_s'] * 1e3:.3g} ± {r['iqr_s'] * 1e3:.2g}", f"{r['samples_per_s']:.4g}",
-            _fmt_s(r["epoch_s"]), f"{r['peak_rss_mb']:.0f}"] + ([_fmt_gpu(r)] if gpu else []) + [
+            _fmt_s(r["epoch_s"]), "-" if r["cores_busy"] is None else f"{r['cores_busy']:.2g}",
+            f"{r['peak_rss_mb']:.0f}"] + ([_fmt_gpu(r)] if gpu else []) + [
             f"{r['median_s'] / fastest[group(r)]:.2f}"])
     headers = SPEED_HEADERS[:-1] + (["GPU peak MB"] if gpu else []) + SPEED_HEADERS[-1:]
     return out, (["run"] if runs else []) + (["node"] if nodes else []) + headers
@@ -168,19 +169,19 @@ def _fmt_gpu(r: dict) -> str:
 
 
 SPEED_HEADERS = ["backend", "dtype", "device", "batch", "build + compile s", "first step s", "ms/step (median ± IQR)",
-                 "samples/s", "epoch s", "peak RSS MB", "x fastest (same run and node)"]
+                 "samples/s", "epoch s", "cores busy", "peak RSS MB", "x fastest (same run and node)"]
 
-SPEED_NOTE = ("\"build + compile s\": constructing the model plus its first training step, tracing and compilation "
-              "included wherever the framework does them (tf2 traces in its constructor, JAX and Keras at the first "
-              "step); \"first step s\": that first step alone. \"ms/step\": median and IQR of the per-step time over "
-              "timed rounds after one more untimed warm-up call, the device synchronised before every clock read, the "
-              "batches already in memory on the device (data loading is not timed). \"epoch s\": steps per epoch x "
-              "median step. \"peak RSS MB\": the worker process's peak resident memory (the whole run, not only "
-              "timing); \"GPU peak MB\" (CUDA rows "
-              "only): the framework's peak device allocation in the worker (CuPy: its memory pool's largest size, an "
-              "upper bound). \"x fastest\" "
-              "divides by the fastest row of the same run and node only: times of different runs or machines are "
-              "never divided by each other.")
+SPEED_NOTE = " ".join([
+    '"build + compile s": constructing the model plus its first training step, tracing and compilation included',
+    "wherever the framework does them (tf2 traces in its constructor, JAX and Keras at the first step);",
+    '"first step s": that first step alone. "ms/step": median and IQR of the per-step time over timed rounds after one',
+    "more untimed warm-up call, the device synchronised before every clock read, the batches already in memory on the",
+    'device (data loading is not timed). "epoch s": steps per epoch x median step. "cores busy": CPU seconds of the',
+    "worker's threads per wall second over the timed rounds (recorded since this column exists; XLA's pool ignores",
+    '--threads). "peak RSS MB": the worker process\'s peak resident memory (the whole run, not only timing); "GPU peak',
+    'MB" (CUDA rows only): the framework\'s peak device allocation in the worker (CuPy: its memory pool\'s largest',
+    'size, an upper bound). "x fastest" divides by the fastest row of the same run and node only: times of different',
+    "runs or machines are never divided by each other."])
 
 
 def diagnosis_lines(rows: list[dict], markdown: bool = False) -> list[str]:

@@ -250,7 +250,7 @@ def row_fields(row: dict, rec: dict | None = None) -> dict:
         "build_compile_s": None if build is None or first is None else build + first,
         "median_s": t.get("median_s"), "iqr_s": t.get("iqr_s"), "samples_per_s": t.get("samples_per_s"),
         "epoch_s": t.get("epoch_s"), "warmup_s": t.get("warmup_s"), "peak_rss_mb": t.get("peak_rss_mb"),
-        "gpu_peak_mb": t.get("gpu_peak_mb"),
+        "gpu_peak_mb": t.get("gpu_peak_mb"), "cores_busy": t.get("cores_busy"),
     }
 
 
@@ -271,7 +271,7 @@ def sweep_fields(row: dict, rec: dict) -> dict:
         "build_compile_s": None if build is None or first is None else build + first,
         "median_s": t.get("median_s"), "iqr_s": t.get("iqr_s"), "samples_per_s": t.get("samples_per_s"),
         "warmup_s": t.get("warmup_s"), "peak_rss_mb": t.get("peak_rss_mb"), "gpu_peak_mb": t.get("gpu_peak_mb"),
-        "gflops": row["flops"] / t["median_s"] / 1e9 if t.get("median_s") else None,
+        "cores_busy": t.get("cores_busy"), "gflops": row["flops"] / t["median_s"] / 1e9 if t.get("median_s") else None,
         "fraction_of_limit": row["flops"] / t["median_s"] / 1e9 / peak if t.get("median_s") and peak else None,
     }
 

@@ -192,7 +192,7 @@ def _worker(cmd: list[str], env: dict, timeout: float, on_line, stop: threading.
 
 def measure_peak(cfg: SweepConfig, dtype: str) -> dict:
     """The machine's matrix-multiply rate, measured in a subprocess set up as the backends' are."""
-    job = {"kind": "peak", "dtype": dtype, "device": cfg.device}
+    job = {"kind": "peak", "dtype": dtype, "device": cfg.device, "threads": cfg.threads}
     found: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="dlcompare-sweep-") as d:
         path = Path(d) / "job.json"
@@ -376,6 +376,14 @@ def _point(mod, job: dict, p: dict, data_cache: dict) -> dict:
     return {"status": "ok", "build_s": build_s, "first_step_s": first_s, "timing": t}
 
 
+def pin_one_core(job: dict) -> None:
+    """With one thread, the whole worker (every thread of every framework) is confined to one core: the thread
+    variables do not bind XLA's CPU pool (measured here: a JAX matmul under --xla_cpu_multi_thread_eigen=false still
+    keeps 2 cores busy), so without this JAX would time on two cores where the others time on one."""
+    if job.get("threads") == 1 and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+
+
 def worker_main(path: str) -> int:
     reply_stream = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # a framework's chatter on fd 1 must not interleave with the replies
@@ -386,6 +394,7 @@ def worker_main(path: str) -> int:
         reply_stream.flush()
 
     job = json.loads(Path(path).read_text())
+    pin_one_core(job)
     if job["kind"] == "peak":
         try:
             reply(_peak(job))
@@ -517,16 +526,20 @@ def markdown(record: dict, plots: list[Path] = ()) -> str:
         lines.append("")
     if runs:
         lines += ["## Every point", "",
-                  "`% of limit` = (FLOPs per step / median step time) / the measured matrix-multiply rate.", ""]
+                  "`% of limit` = (FLOPs per step / median step time) / the measured matrix-multiply rate. `cores busy` = "
+                  "CPU seconds of the worker's threads per wall second over the timed rounds (with one thread every "
+                  "worker is confined to one core: `harness.sweep.pin_one_core`).", ""]
         table = []
         for r in sorted(runs, key=lambda r: (r["sweep"], r["backend"], r["batch"], r["width"] or 0)):
             t, f = r["timing"], _frac(r, peak)
             table.append([r["sweep"], r["backend"], r["batch"], r["width"], f"{r['flops'] / 1e6:.3g}",
                           f"{t['median_s'] * 1e3:.3g} ± {t['iqr_s'] * 1e3:.2g}",
                           f"{r['flops'] / t['median_s'] / 1e9:.3g}", "-" if f is None else f"{100 * f:.3g}",
+                          f"{t['cores_busy']:.2g}" if "cores_busy" in t else "-",
                           f"{r['build_s'] + r['first_step_s']:.3g}"])
         lines.append(tabulate(table, headers=["sweep", "backend", "batch", "width", "MFLOP/step",
-                                              "ms/step (median ± IQR)", "GFLOP/s", "% of limit", "build + compile s"],
+                                              "ms/step (median ± IQR)", "GFLOP/s", "% of limit", "cores busy",
+                                              "build + compile s"],
                               tablefmt="github"))
         lines.append("")
     if bad:
@@ -544,17 +557,17 @@ def markdown(record: dict, plots: list[Path] = ()) -> str:
 
 
 def newest_records(records: list[dict]) -> list[dict]:
-    """The newest sweep record per (model, device, dtype)."""
+    """The newest sweep record per (model, device, dtype, fast mode)."""
     newest: dict[tuple, dict] = {}
     for rec in records:  # oldest first
         if rec.get("kind") == "sweep":
-            newest[(rec["model"], rec["device"], rec["dtype"])] = rec
+            newest[stem(rec)] = rec
     return list(newest.values())
 
 
 def stem(record: dict) -> str:
     return f"sweep-{record['model']}" + ("" if record["device"] == "cpu" else f"-{record['device']}") + (
-        "" if record["dtype"] == "float32" else f"-{record['dtype']}")
+        "" if record["dtype"] == "float32" else f"-{record['dtype']}") + ("-fast" if record["config"].get("fast") else "")
 
 
 def write_report(record: dict, results_dir: Path, plots: bool = True) -> list[Path]:

@@ -61,11 +61,15 @@ def time_steps(model, xs, ys, rounds: int = 5, steps: int = 20, min_round_s: flo
     warmup = timed_call(model, xs, ys)
     once = timed_call(model, xs, ys)  # one more, to size the rounds
     reps = max(1, -(-steps // n), int(min_round_s / max(once, 1e-9)) + 1)
+    wall, cpu = time.perf_counter(), time.process_time()
     per_step = [timed_call(model, xs, ys, reps) / (reps * n) for _ in range(rounds)]
+    # CPU seconds of every thread of this process per wall second over the timed rounds: how many cores the step kept
+    # busy (about 1 with one thread; XLA's pool, for one, is not pinned by the thread settings)
+    busy = (time.process_time() - cpu) / max(time.perf_counter() - wall, 1e-9)
     q1, med, q3 = np.percentile(per_step, [25, 50, 75])
     out = {"median_s": float(med), "iqr_s": float(q3 - q1), "rounds": rounds, "steps_per_round": reps * n,
            "warmup_s": warmup, "samples_per_s": float(batch / med), "peak_rss_mb": peak_rss_mb(),
-           "per_round_s": per_step, "data_on_device": staged}
+           "per_round_s": per_step, "data_on_device": staged, "cores_busy": busy}
     gpu = gpu_peak_mb(model)
     if gpu is not None:
         out["gpu_peak_mb"] = gpu
