@@ -557,7 +557,7 @@ def markdown(record: dict, plots: list[Path] = ()) -> str:
 
 
 def newest_records(records: list[dict]) -> list[dict]:
-    """The newest sweep record per (model, device, dtype, fast mode)."""
+    """The newest sweep record per (model, device, dtype, fast mode, threads): one report each."""
     newest: dict[tuple, dict] = {}
     for rec in records:  # oldest first
         if rec.get("kind") == "sweep":
@@ -567,7 +567,8 @@ def newest_records(records: list[dict]) -> list[dict]:
 
 def stem(record: dict) -> str:
     return f"sweep-{record['model']}" + ("" if record["device"] == "cpu" else f"-{record['device']}") + (
-        "" if record["dtype"] == "float32" else f"-{record['dtype']}") + ("-fast" if record["config"].get("fast") else "")
+        "" if record["dtype"] == "float32" else f"-{record['dtype']}") + ("-fast" if record["config"].get("fast") else "") + (
+        "" if record["config"].get("threads") == 1 else f"-threads-{record['config'].get('threads') or 'default'}")
 
 
 def write_report(record: dict, results_dir: Path, plots: bool = True) -> list[Path]:
