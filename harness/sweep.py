@@ -443,15 +443,14 @@ def _frac(r: dict, peak: float | None) -> float | None:
     return None if not peak else r["flops"] / r["timing"]["median_s"] / 1e9 / peak
 
 
-def crossovers(record: dict) -> list[tuple[int, int, str, float]]:
-    """The batch sweep cut into ranges with one fastest backend: (first batch, last batch, backend, the largest
-    lead over the second fastest within the range, as a time ratio)."""
-    rows = [r for r in ok_rows(record) if r["sweep"] == "batch"]
+def crossovers(record: dict, kind: str = "batch") -> list[tuple[int, int, str, float]]:
+    """The batch (or width) sweep cut into ranges with one fastest backend: (first value, last value, backend, the
+    largest lead over the second fastest within the range, as a time ratio)."""
+    var = "batch" if kind == "batch" else "width"
+    rows = [r for r in ok_rows(record) if r["sweep"] == kind]
     out: list[list] = []
-    for b in sorted({r["batch"] for r in rows}):
-        sel = sorted((r for r in rows if r["batch"] == b), key=lambda r: r["timing"]["median_s"])
-        if not sel:
-            continue
+    for b in sorted({r[var] for r in rows}):
+        sel = sorted((r for r in rows if r[var] == b), key=lambda r: r["timing"]["median_s"])
         lead = sel[1]["timing"]["median_s"] / sel[0]["timing"]["median_s"] if len(sel) > 1 else float("nan")
         if out and out[-1][2] == sel[0]["backend"]:
             out[-1][1] = b
@@ -517,13 +516,15 @@ def markdown(record: dict, plots: list[Path] = ()) -> str:
         lines.append(tabulate(table, headers=[var, "MFLOP/step"] + [f"{b} ({unit})" for b in names],
                               tablefmt="github"))
         lines.append("")
-    cross = crossovers(record)
-    if cross:
-        lines += ["## Crossovers (batch sweep)", "",
-                  "The fastest backend per range of batch sizes, and its largest lead over the second fastest there:", ""]
-        lines += [f"- batch {a}" + (f"-{b}" if b != a else "") + f": **{name}**, up to {lead:.2f}x ahead"
-                  for a, b, name, lead in cross]
-        lines.append("")
+    for kind in ("batch", "width"):
+        cross = crossovers(record, kind)
+        if cross:
+            lines += [f"## Crossovers ({kind} sweep)", "",
+                      f"The fastest backend per range of {kind} values, and its largest lead over the second fastest "
+                      f"there (a lead below about 1.1x is within the noise of a shared machine):", ""]
+            lines += [f"- {kind} {a}" + (f"-{b}" if b != a else "") + f": **{name}**, up to {lead:.2f}x ahead"
+                      for a, b, name, lead in cross]
+            lines.append("")
     if runs:
         lines += ["## Every point", "",
                   "`% of limit` = (FLOPs per step / median step time) / the measured matrix-multiply rate. `cores busy` = "

@@ -121,3 +121,12 @@ def test_ctrl_c_keeps_the_finished_points(tmp_path):
     assert status == {("numpy", 1): "ok", ("numpy", 2): "ok", ("hang", 1): "interrupted", ("hang", 2): "interrupted",
                       ("torch", 1): "interrupted", ("torch", 2): "interrupted"}
     assert "interrupted" in (tmp_path / "sweep-mnist_mlp.md").read_text()
+
+
+def test_crossovers_of_the_width_sweep():
+    rec = _rec({("jax", 1): 1.0, ("tf1", 1): 2.0})
+    rec["rows"] += [{**r, "sweep": "width", "batch": 100, "width": w, "timing": {"median_s": t, "iqr_s": 0.0}}
+                    for r, (w, t) in zip([rec["rows"][0], rec["rows"][1], rec["rows"][0], rec["rows"][1]],
+                                         [(16, 1.0), (16, 1.2), (2048, 3.0), (2048, 2.0)])]
+    assert sweep.crossovers(rec, "width") == [(16, 16, "jax", 1.2), (2048, 2048, "tf1", 1.5)]
+    assert sweep.crossovers(rec) == [(1, 1, "jax", 2.0)]
