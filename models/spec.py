@@ -616,7 +616,14 @@ class ModelSpec:
 
     # -- shapes ----------------------------------------------------------------------------------------------------
     def shapes(self) -> list[tuple[int, ...]]:
-        """Activation shape (without batch) after each layer; raises ValueError on an impossible sequence."""
+        """Activation shape (without batch) after each layer; raises ValueError on an impossible sequence.
+
+        Computed once per spec (a frozen value) and kept outside the dataclass fields, so equality, hashing and
+        ``spec_to_dict`` do not see it: the NumPy backend asks for the shapes several times a step, and recomputing
+        them cost its MNIST CNN about 0.2 ms of a 1.7 ms step at batch 1 (``benchmarks/overhead-mnist_cnn.md``)."""
+        cached = self.__dict__.get("_shapes_cache")
+        if cached is not None:
+            return list(cached)
         shape = tuple(self.input_shape)
         out = []
         for i, layer in enumerate(self.layers):
@@ -630,6 +637,7 @@ class ModelSpec:
             if not shape or min(shape) <= 0:
                 raise ValueError(f"layer {i} ({type(layer).__name__}) produces an empty shape {shape}")
             out.append(shape)
+        object.__setattr__(self, "_shapes_cache", tuple(out))
         return out
 
     @property
@@ -642,8 +650,12 @@ class ModelSpec:
 
     def entries(self) -> list[tuple[int, Layer, ParamSpec]]:
         """(layer index, layer, parameter) for every array of every layer, trainable and state, in layer order."""
-        return [(i, layer, p) for i, (layer, s) in enumerate(zip(self.layers, self.input_shapes()))
-                for p in layer.params(s)]
+        cached = self.__dict__.get("_entries_cache")
+        if cached is None:
+            cached = tuple((i, layer, p) for i, (layer, s) in enumerate(zip(self.layers, self.input_shapes()))
+                           for p in layer.params(s))
+            object.__setattr__(self, "_entries_cache", cached)
+        return list(cached)
 
     def param_entries(self) -> list[tuple[int, Layer, ParamSpec]]:
         """The trainable parameters: what ``get_weights`` returns and the optimizer updates, in this order."""
