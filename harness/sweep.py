@@ -535,7 +535,7 @@ def markdown(record: dict, plots: list[Path] = ()) -> str:
             t, f = r["timing"], _frac(r, peak)
             table.append([r["sweep"], r["backend"], r["batch"], r["width"], f"{r['flops'] / 1e6:.3g}",
                           f"{t['median_s'] * 1e3:.3g} ± {t['iqr_s'] * 1e3:.2g}",
-                          f"{r['flops'] / t['median_s'] / 1e9:.3g}", "-" if f is None else f"{100 * f:.3g}",
+                          f"{r['flops'] / t['median_s'] / 1e9:.3g}", "-" if f is None else f"{100 * f:.3g}%",
                           f"{t['cores_busy']:.2g}" if "cores_busy" in t else "-",
                           f"{r['build_s'] + r['first_step_s']:.3g}"])
         lines.append(tabulate(table, headers=["sweep", "backend", "batch", "width", "MFLOP/step",
