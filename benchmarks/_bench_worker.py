@@ -19,7 +19,6 @@ Reads one JSON command per line on stdin and answers one JSON line per command o
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 import traceback
@@ -31,14 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> int:
     backend = sys.argv[1]
-    reply_stream = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # a framework's chatter on fd 1 must not interleave with the replies
-    sys.stdout = sys.stderr
+    from harness.sweep import reply_channel
 
-    def reply(obj: dict) -> None:
-        reply_stream.write(json.dumps(obj) + "\n")
-        reply_stream.flush()
-
+    reply = reply_channel()  # JSON lines on the original stdout; a framework's chatter goes to stderr
     import numpy as np
 
     import backends

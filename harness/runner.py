@@ -63,19 +63,26 @@ class CompareConfig:
     fast: bool = False
 
 
-def validate(cfg: CompareConfig) -> ModelSpec:
-    """Check every user-facing option before any work starts; returns the spec with overrides applied."""
+def check_names(model: str, backend_names: list[str], dtype: str | None) -> ModelSpec:
+    """The model's spec, once the model, every backend and the dtype are known names (else a UserError naming the
+    valid ones); shared by ``compare`` and ``sweep``."""
     try:
-        spec = get_model(cfg.model)
+        spec = get_model(model)
     except ValueError as e:
         raise UserError(str(e)) from None
-    for b in cfg.backends:
+    for b in backend_names:
         try:
             backends.get_info(b)
         except ValueError as e:
             raise UserError(str(e)) from None
-    if cfg.dtype is not None and cfg.dtype not in DTYPES:
-        raise UserError(f"unknown dtype {cfg.dtype!r}; valid dtypes: {', '.join(DTYPES)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; valid dtypes: {', '.join(DTYPES)}")
+    return spec
+
+
+def validate(cfg: CompareConfig) -> ModelSpec:
+    """Check every user-facing option before any work starts; returns the spec with overrides applied."""
+    spec = check_names(cfg.model, cfg.backends, cfg.dtype)
     for d in cfg.devices:
         if d not in ("cpu", "cuda"):
             raise UserError(f"unknown device {d!r}; valid devices: cpu, cuda, all")

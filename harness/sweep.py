@@ -41,10 +41,9 @@ from pathlib import Path
 import numpy as np
 
 import backends
-from models import get_model
 from models.spec import Conv2D, Dense, ModelSpec, spec_from_dict, spec_to_dict
 
-from .runner import DTYPES, PROJECT_ROOT, UserError, subprocess_env
+from .runner import PROJECT_ROOT, UserError, check_names, subprocess_env
 
 DEFAULT_BATCH_SIZES = [2**k for k in range(11)]  # 1 .. 1024
 DEFAULT_WIDTHS = [16, 32, 64, 128, 256, 512, 1024, 2048]
@@ -125,17 +124,8 @@ def points(cfg: SweepConfig, spec: ModelSpec) -> list[dict]:
 
 
 def validate(cfg: SweepConfig) -> ModelSpec:
-    try:
-        spec = get_model(cfg.model)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    for b in cfg.backends:
-        try:
-            backends.get_info(b)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-    if cfg.dtype is not None and cfg.dtype not in DTYPES:
-        raise UserError(f"unknown dtype {cfg.dtype!r}; valid dtypes: {', '.join(DTYPES)}")
+    """Every option checked before any work starts (UserError: exit 2); returns the spec in the sweep's dtype."""
+    spec = check_names(cfg.model, cfg.backends, cfg.dtype)
     if cfg.dtype:
         spec = dataclasses.replace(spec, dtype=cfg.dtype)
     if cfg.device not in ("cpu", "cuda"):
@@ -384,15 +374,22 @@ def pin_one_core(job: dict) -> None:
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 
-def worker_main(path: str) -> int:
-    reply_stream = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # a framework's chatter on fd 1 must not interleave with the replies
+def reply_channel():
+    """A worker's ``reply(obj)``: one JSON line on the stdout it was started with, while fd 1 and ``sys.stdout`` go
+    to stderr from now on, so that a framework's chatter never interleaves with the replies."""
+    stream = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
     sys.stdout = sys.stderr
 
     def reply(obj: dict) -> None:
-        reply_stream.write(json.dumps(obj) + "\n")
-        reply_stream.flush()
+        stream.write(json.dumps(obj) + "\n")
+        stream.flush()
 
+    return reply
+
+
+def worker_main(path: str) -> int:
+    reply = reply_channel()
     job = json.loads(Path(path).read_text())
     pin_one_core(job)
     if job["kind"] == "peak":
