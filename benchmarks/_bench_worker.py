@@ -38,6 +38,7 @@ def main() -> int:
     import backends
     from backends.base import BuildOptions, Unsupported
     from harness import runner, timing
+    from harness.worker import stack_batches
     from models import get_model, init_weights
 
     mod = None
@@ -60,10 +61,8 @@ def main() -> int:
                                            steps=cmd["steps"], dtype=cmd["dtype"], seed=cmd["seed"])
                 spec = runner.validate(cfg)
                 job = runner.prepare(cfg, spec)
-                idx = job.order(cmd["batch_size"])[: cmd["steps"]]
-                xs = job.data["x"][idx].astype(spec.dtype)  # (steps, B, *input_shape), as harness.worker stacks them
-                ys = job.data["y"][idx]
-                ys = ys.astype(np.int64) if spec.loss.integer_labels else ys.astype(spec.dtype)
+                xs, ys = stack_batches(job.data, job.order(cmd["batch_size"]), 0, cmd["steps"], spec.dtype,
+                                       spec.loss.integer_labels)  # (steps, B, *input_shape): harness.worker's own
                 t = time.perf_counter()
                 try:
                     model = mod.Model(spec, init_weights(get_model(cmd["model"]), cmd["seed"]),

@@ -380,13 +380,11 @@ def cmd_sweep(args) -> int:
     from .results import check_writable
 
     cfg = sweep.SweepConfig(
-        model=args.model, backends=_backends_arg(args.backends) if args.backends else list(sweep.SWEEP_BACKENDS),
+        model=args.model, backends=_backends_arg(args.backends),
         batch_sizes=_ints(args.batch_sizes, "--batch-sizes"), widths=_ints(args.widths, "--widths"),
         width_batch=args.width_batch, dtype=args.dtype, device=args.device, threads=args.threads or None,
         rounds=args.rounds, steps=args.steps, seed=args.seed, fast=args.fast, timeout=args.timeout,
         data_dir=args.data_dir)
-    if args.threads is not None and args.threads < 0:
-        raise UserError(f"--threads must be 0 (each framework's default) or at least 1, got {args.threads}")
     sweep.validate(cfg)
     results_dir = Path(args.results_dir)
     check_writable(results_dir)  # before any work starts

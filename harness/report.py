@@ -106,8 +106,9 @@ AGREEMENT_HEADERS = ["backend", "dtype", "mode", "device", "batch", "steps", "st
 def native_table(rows: list[dict], tablefmt: str) -> str | None:
     """The defaults audit: what each framework's defaults change, and how far they move the trajectory, the state
     (BatchNorm's moving statistics, where a row compared them) and the inference-mode predictions."""
-    flat = [r for r, raw in zip(_records(rows), rows) if r["mode"] == "native" and "agreement" in raw]
-    state = any(r["state_err"] is not None for r in _records(rows))
+    every = _records(rows)
+    flat = [r for r, raw in zip(every, rows) if r["mode"] == "native" and "agreement" in raw]
+    state = any(r["state_err"] is not None for r in every)
     out = [[r["backend"], r["dtype"], r["batch"], r["native_differences"] or "(none reported)",
             _fmt_err(r["loss_err"]), _fmt_err(r["weight_err"])] + ([_fmt_err(r["state_err"])] if state else [])
            + [_fmt_err(r["pred_err"]), r["status"]] for r in flat]
@@ -156,7 +157,7 @@ def speed_rows(rows: list[dict]) -> tuple[list[list], list[str]]:
     for r in timed:
         out.append(([r["run_id"]] if runs else []) + ([r["node"]] if nodes else []) + [
             label(r), r["dtype"], r["device"], r["batch"], _fmt_s(r["build_compile_s"]), _fmt_s(r["first_step_s"]),
-            f"{r['median_s'] * 1e3:.3g} ± {r['iqr_s'] * 1e3:.2g}", f"{r['samples_per_s']:.4g}",
+            _fmt_ms(r), f"{r['samples_per_s']:.4g}",
             _fmt_s(r["epoch_s"]), "-" if r["cores_busy"] is None else f"{r['cores_busy']:.2g}",
             f"{r['peak_rss_mb']:.0f}"] + ([_fmt_gpu(r)] if gpu else []) + [
             f"{r['median_s'] / fastest[group(r)]:.2f}"])

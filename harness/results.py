@@ -205,6 +205,11 @@ def _upgrade_statuses(rec: dict) -> dict:
 
 
 # -------------------------------------------------------------------------------------------- results as a frame
+def _plus(a: float | None, b: float | None) -> float | None:
+    """Build + first step: the one-off cost before the steady state (None where either is unknown)."""
+    return None if a is None or b is None else a + b
+
+
 def _max(d: dict, pred) -> float | None:
     vals = [v for k, v in d.items() if pred(k) and v is not None]
     return max(vals) if vals else None
@@ -247,7 +252,7 @@ def row_fields(row: dict, rec: dict | None = None) -> dict:
         "optimizer": (((meta.get("info") or {}).get("optimizer")) or None),
         "native_differences": "; ".join(diffs) if diffs else None,
         "build_s": build, "first_step_s": first,
-        "build_compile_s": None if build is None or first is None else build + first,
+        "build_compile_s": _plus(build, first),
         "median_s": t.get("median_s"), "iqr_s": t.get("iqr_s"), "samples_per_s": t.get("samples_per_s"),
         "epoch_s": t.get("epoch_s"), "warmup_s": t.get("warmup_s"), "peak_rss_mb": t.get("peak_rss_mb"),
         "gpu_peak_mb": t.get("gpu_peak_mb"), "cores_busy": t.get("cores_busy"),
@@ -268,7 +273,7 @@ def sweep_fields(row: dict, rec: dict) -> dict:
         "mode": "aligned", "device": rec.get("device"), "batch": row["batch"], "seed": (rec.get("config") or {}).get("seed"),
         "status": row["status"], "reason": row.get("reason"), "sweep": row["sweep"], "width": row.get("width"),
         "flops": row["flops"], "build_s": build, "first_step_s": first,
-        "build_compile_s": None if build is None or first is None else build + first,
+        "build_compile_s": _plus(build, first),
         "median_s": t.get("median_s"), "iqr_s": t.get("iqr_s"), "samples_per_s": t.get("samples_per_s"),
         "warmup_s": t.get("warmup_s"), "peak_rss_mb": t.get("peak_rss_mb"), "gpu_peak_mb": t.get("gpu_peak_mb"),
         "cores_busy": t.get("cores_busy"), "gflops": row["flops"] / t["median_s"] / 1e9 if t.get("median_s") else None,

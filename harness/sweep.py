@@ -25,8 +25,8 @@ hardware can do.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
-import math
 import os
 import signal
 import subprocess
@@ -46,14 +46,12 @@ from models.spec import Conv2D, Dense, ModelSpec, spec_from_dict, spec_to_dict
 from .runner import PROJECT_ROOT, UserError, check_names, subprocess_env
 
 DEFAULT_BATCH_SIZES = [2**k for k in range(11)]  # 1 .. 1024
-DEFAULT_WIDTHS = [16, 32, 64, 128, 256, 512, 1024, 2048]
-SWEEP_BACKENDS = ["numpy", "tf1", "tf2", "keras", "keras-jax", "keras-torch", "torch", "jax", "cupy"]
 
 
 @dataclass
 class SweepConfig:
     model: str = "mnist_mlp"
-    backends: list[str] = field(default_factory=lambda: list(SWEEP_BACKENDS))
+    backends: list[str] = field(default_factory=lambda: list(backends.REGISTRY))
     batch_sizes: list[int] = field(default_factory=lambda: list(DEFAULT_BATCH_SIZES))
     widths: list[int] = field(default_factory=list)  # hidden widths of an MLP, timed at width_batch
     width_batch: int = 100
@@ -105,7 +103,7 @@ def width_variant(spec: ModelSpec, width: int) -> ModelSpec:
     layers = tuple(dataclasses.replace(layer, units=width) if i in dense[:-1] else layer
                    for i, layer in enumerate(spec.layers))
     v = dataclasses.replace(spec, name=f"{spec.name}_w{width}", layers=layers, expected_params=0)
-    return dataclasses.replace(v, expected_params=sum(math.prod(s) for s in v.param_shapes()))
+    return dataclasses.replace(v, expected_params=v.param_count())
 
 
 def hidden_width(spec: ModelSpec) -> int | None:
@@ -119,7 +117,7 @@ def points(cfg: SweepConfig, spec: ModelSpec) -> list[dict]:
     out += [{"sweep": "width", "batch": cfg.width_batch, "width": w, "spec": width_variant(spec, w)} for w in cfg.widths]
     for p in out:
         p["flops"] = train_flops(p["spec"], p["batch"])
-        p["params"] = sum(math.prod(s) for s in p["spec"].param_shapes())
+        p["params"] = p["spec"].param_count()
     return out
 
 
@@ -149,7 +147,16 @@ def validate(cfg: SweepConfig) -> ModelSpec:
 
 
 # ----------------------------------------------------------------------------------------------- the driver side
-def _worker(cmd: list[str], env: dict, timeout: float, on_line, stop: threading.Event) -> str | None:
+def _run_job(job: dict, env: dict, timeout: float, on_line) -> str | None:
+    """Run ``python -m harness.sweep JOB`` on ``job`` (written to a temporary file), handing each JSON line of its
+    stdout to ``on_line``; returns why it ended badly, or None.  Ctrl-C kills the worker and propagates."""
+    with tempfile.TemporaryDirectory(prefix="dlcompare-sweep-") as d:
+        path = Path(d) / "job.json"
+        path.write_text(json.dumps(job))
+        return _worker([sys.executable, "-m", "harness.sweep", str(path)], env, timeout, on_line)
+
+
+def _worker(cmd: list[str], env: dict, timeout: float, on_line) -> str | None:
     """Run one worker, handing each JSON line of its stdout to ``on_line``; returns why it ended badly, or None."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=PROJECT_ROOT,
                             start_new_session=True)
@@ -162,8 +169,6 @@ def _worker(cmd: list[str], env: dict, timeout: float, on_line, stop: threading.
         for line in proc.stdout:
             if line.startswith("{"):
                 on_line(json.loads(line))
-            if stop.is_set():
-                break
         proc.wait()
     except KeyboardInterrupt:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -184,11 +189,7 @@ def measure_peak(cfg: SweepConfig, dtype: str) -> dict:
     """The machine's matrix-multiply rate, measured in a subprocess set up as the backends' are."""
     job = {"kind": "peak", "dtype": dtype, "device": cfg.device, "threads": cfg.threads}
     found: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="dlcompare-sweep-") as d:
-        path = Path(d) / "job.json"
-        path.write_text(json.dumps(job))
-        why = _worker([sys.executable, "-m", "harness.sweep", str(path)], subprocess_env("numpy", dtype, cfg.threads),
-                      300, found.append, threading.Event())
+    why = _run_job(job, subprocess_env("numpy", dtype, cfg.threads), 300, found.append)
     if found and "gflops" in found[-1]:
         return found[-1]
     return {"gflops": None, "reason": why or (found[-1].get("reason") if found else "no result")}
@@ -263,14 +264,10 @@ def _sweep_backend(cfg: SweepConfig, backend: str, dtype: str, pts: list[dict], 
                                              f"{msg['status']}: {msg.get('reason', '')}"))
 
     interrupted = False
-    with tempfile.TemporaryDirectory(prefix="dlcompare-sweep-") as d:
-        path = Path(d) / "job.json"
-        path.write_text(json.dumps(job))
-        try:
-            why = _worker([sys.executable, "-m", "harness.sweep", str(path)],
-                          subprocess_env(backend, dtype, cfg.threads), cfg.timeout, on_line, threading.Event())
-        except KeyboardInterrupt:
-            why, interrupted = "interrupted by Ctrl-C", True
+    try:
+        why = _run_job(job, subprocess_env(backend, dtype, cfg.threads), cfg.timeout, on_line)
+    except KeyboardInterrupt:
+        why, interrupted = "interrupted by Ctrl-C", True
     if why and not interrupted:
         progress(f"  {backend}: error: {why}")
     status = "interrupted" if interrupted else "error"
@@ -335,6 +332,7 @@ def _peak(job: dict) -> dict:
 def _point(mod, job: dict, p: dict, data_cache: dict) -> dict:
     from backends.base import BuildOptions, Unsupported
     from harness import runner, timing
+    from harness.worker import stack_batches
     from models.spec import init_weights
 
     spec = spec_from_dict(p["spec"])
@@ -346,10 +344,8 @@ def _point(mod, job: dict, p: dict, data_cache: dict) -> dict:
     b = p["batch"]
     if b > len(x):
         return {"status": "skipped", "reason": f"batch {b} is larger than the data set ({len(x)} samples)"}
-    idx = runner.batch_order(len(x), b, job["steps"], job["seed"], spec.shuffle)
-    xs = x[idx].astype(spec.dtype)
-    ys = y[idx]
-    ys = ys.astype(np.int64) if spec.loss.integer_labels else ys.astype(spec.dtype)
+    order = runner.batch_order(len(x), b, job["steps"], job["seed"], spec.shuffle)
+    xs, ys = stack_batches({"x": x, "y": y}, order, 0, job["steps"], spec.dtype, spec.loss.integer_labels)
     opts = BuildOptions(dtype=spec.dtype, device=job["device"], threads=job["threads"], fast=job["fast"],
                         seed=job["seed"])
     t = time.perf_counter()
@@ -417,8 +413,6 @@ def worker_main(path: str) -> int:
         except Exception as e:
             reply({"point": i, "status": "error", "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}",
                    "traceback": traceback.format_exc()[-3000:]})
-        import gc
-
         gc.collect()
     return 0
 

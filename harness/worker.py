@@ -36,7 +36,7 @@ def _atomic_write_npz(path: Path, arrays: dict) -> None:
 INVARIANCE_SAMPLES = 10
 
 
-def _stack(data, order, a, b, dtype, integer_labels):
+def stack_batches(data, order, a, b, dtype, integer_labels):
     """Batches ``a..b-1`` of ``order`` stacked: x (b-a, B, ...) in ``dtype``, y as int64 labels or ``dtype`` targets."""
     idx = order[a:b]
     x = data["x"][idx].astype(dtype)
@@ -45,7 +45,7 @@ def _stack(data, order, a, b, dtype, integer_labels):
 
 
 def _batch(data, order, k, dtype, integer_labels):
-    xs, ys = _stack(data, order, k, k + 1, dtype, integer_labels)
+    xs, ys = stack_batches(data, order, k, k + 1, dtype, integer_labels)
     return xs[0], ys[0]
 
 
@@ -108,7 +108,7 @@ def run_one(mod, spec, weights, data, run: dict, options) -> tuple[dict, dict]:
     done = 0
     for mark in marks:
         if mark > done:
-            xs, ys = _stack(data, order, done, mark, dtype, il)
+            xs, ys = stack_batches(data, order, done, mark, dtype, il)
             model.sync()
             t = time.perf_counter()
             losses[done:mark] = model.train_steps(xs, ys)
@@ -142,7 +142,7 @@ def run_one(mod, spec, weights, data, run: dict, options) -> tuple[dict, dict]:
     if timing and done == steps:
         from harness.timing import time_steps
 
-        xs, ys = _stack(data, order, 0, min(steps, timing["steps"]), dtype, il)
+        xs, ys = stack_batches(data, order, 0, min(steps, timing["steps"]), dtype, il)
         meta["timing"] = time_steps(model, xs, ys, rounds=timing["rounds"], steps=timing["steps"])
     return arrays, meta
 
@@ -167,7 +167,8 @@ def repeat_check(mod, spec, weights, data, order, marks, opts, arrays, steps) ->
     done = 0
     for mark in marks:
         if mark > done:
-            losses.append(np.asarray(model.train_steps(*_stack(data, order, done, mark, dtype, spec.loss.integer_labels))))
+            xs, ys = stack_batches(data, order, done, mark, dtype, spec.loss.integer_labels)
+            losses.append(np.asarray(model.train_steps(xs, ys)))
             done = mark
     losses = np.concatenate(losses)
     final = [np.asarray(w, np.float64) for w in [*model.get_weights(), *model.get_state()]]
@@ -209,7 +210,7 @@ def train(mod, spec, weights, data, job) -> None:
         t = time.perf_counter()
         losses = []
         for a in range(0, per_epoch, chunk):
-            xs, ys = _stack({"x": x, "y": y}, order, a, min(a + chunk, per_epoch), dtype, il)
+            xs, ys = stack_batches({"x": x, "y": y}, order, a, min(a + chunk, per_epoch), dtype, il)
             losses.append(np.asarray(model.train_steps(xs, ys)))
             print(json.dumps({"event": "progress", "epoch": epoch, "step": min(a + chunk, per_epoch),
                               "of": per_epoch}), flush=True)
