@@ -170,6 +170,13 @@ def to_mib(nbytes: float | None) -> float | None:
     return None if nbytes is None else float(nbytes) / 2**20
 
 
+def xla_peak_mb(stats: dict | None) -> float | None:
+    """``gpu_peak_mb`` from an XLA device's ``memory_stats()`` (JAX, Keras on JAX): its ``peak_bytes_in_use`` in MiB;
+    None where the allocator keeps no such statistic (no stats, no key, or -1, a platform's "unavailable")."""
+    peak = stats.get("peak_bytes_in_use") if stats else None
+    return None if peak is None or peak < 0 else to_mib(peak)
+
+
 class ModelBase:
     """Shared plumbing: argument checks and the default ``train_steps`` loop."""
 

@@ -132,8 +132,8 @@ from .base import (
     Unsupported,
     lookup,
     one_minus_beta_diffs,
-    to_mib,
     value_diff,
+    xla_peak_mb,
 )
 
 BACKEND = "jax"
@@ -1083,6 +1083,4 @@ class Model(ModelBase):
         ``XLA_PYTHON_CLIENT_ALLOCATOR=platform``)."""
         if self.options.device != "cuda":
             return None
-        stats = self.device.memory_stats()
-        peak = stats.get("peak_bytes_in_use") if stats else None
-        return None if peak is None or peak < 0 else to_mib(peak)  # -1: a platform's "unavailable"
+        return xla_peak_mb(self.device.memory_stats())

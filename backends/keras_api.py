@@ -189,6 +189,7 @@ from .base import (  # noqa: E402
     one_minus_beta_diffs,
     to_mib,
     value_diff,
+    xla_peak_mb,
 )
 
 BACKEND = keras.backend.backend()
@@ -1318,9 +1319,7 @@ class Model(ModelBase):
         if BACKEND == "torch":
             return to_mib(torch.cuda.max_memory_allocated(torch.device("cuda")))
         if BACKEND == "jax":
-            stats = jax.devices("gpu")[0].memory_stats()
-            peak = stats.get("peak_bytes_in_use") if stats else None
-            return None if peak is None or peak < 0 else to_mib(peak)
+            return xla_peak_mb(jax.devices("gpu")[0].memory_stats())
         if BACKEND == "tensorflow":
             return to_mib(tf.config.experimental.get_memory_info("GPU:0")["peak"])
         return None

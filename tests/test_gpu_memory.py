@@ -142,3 +142,12 @@ def test_cuda_peak_is_positive_keras_subprocess(name):
 
 def test_cuda_peak_cupy():
     _check_cuda_peak(_cupy_subprocess()["cuda"])
+
+
+def test_xla_peak_reads_the_statistic_or_says_none():
+    """JAX and Keras on JAX read XLA's memory_stats() through one function: bytes in MiB, None where the allocator
+    keeps no such statistic (no stats, no key, -1)."""
+    from backends.base import xla_peak_mb
+
+    assert xla_peak_mb({"peak_bytes_in_use": 3 * 2**20}) == 3.0
+    assert xla_peak_mb(None) is None and xla_peak_mb({}) is None and xla_peak_mb({"peak_bytes_in_use": -1}) is None
